@@ -1,0 +1,254 @@
+"""Building blocks shared by every model family (Flax Linen, NHWC).
+
+Every block takes `dtype` (compute) and `param_dtype` (storage). Convolutions use explicit
+symmetric padding (k // 2), as PyTorch does: XLA's 'SAME' pads asymmetrically for stride 2
+on even inputs, which would change every strided layer's output versus the reference models.
+BatchNorm uses PyTorch's defaults (momentum 0.1 -> Flax momentum 0.9, eps 1e-5); its
+statistics are always computed and stored in float32 (Flax promotes them), whatever `dtype`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+Act = Callable[[jnp.ndarray], jnp.ndarray]
+
+# Kaiming-normal over fan_out, the initialisation torchvision's ResNet/DenseNet use.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv(features: int, kernel: int = 3, stride: int = 1, *, groups: int = 1, use_bias: bool = False,
+         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: Optional[str] = None,
+         padding: Optional[int] = None) -> nn.Conv:
+    """A square convolution padded like PyTorch's `Conv2d(..., padding=kernel // 2)`."""
+    p = kernel // 2 if padding is None else padding
+    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((p, p), (p, p)),
+                   feature_group_count=groups, use_bias=use_bias, dtype=dtype,
+                   param_dtype=param_dtype, kernel_init=conv_init, name=name)
+
+
+def norm(train: bool, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+         name: Optional[str] = None, scale_init=nn.initializers.ones) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's defaults; batch statistics over the (global) batch when training."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                        param_dtype=param_dtype, scale_init=scale_init, name=name)
+
+
+class ConvBNAct(nn.Module):
+    """Conv -> BatchNorm -> activation (post-activation unit of ResNet v1, VGG, the simple CNN)."""
+    features: int
+    kernel: int = 3
+    stride: int = 1
+    groups: int = 1
+    use_bias: bool = False
+    act: Optional[Act] = nn.relu
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = conv(self.features, self.kernel, self.stride, groups=self.groups,
+                 use_bias=self.use_bias, name="conv", **kw)(x)
+        x = norm(train, name="bn", **kw)(x)
+        return self.act(x) if self.act is not None else x
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (seed 002): GAP -> FC(C/r) -> ReLU -> FC(C) -> sigmoid -> rescale."""
+    reduction: int = 16
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = nn.relu(nn.Conv(max(1, c // self.reduction), (1, 1), name="fc1", **kw)(s))
+        s = nn.sigmoid(nn.Conv(c, (1, 1), name="fc2", **kw)(s))
+        return x * s
+
+
+class DenseLayer(nn.Module):
+    """DenseNet layer: BN-ReLU-1x1(bn_size*k)-BN-ReLU-3x3(k) (bottleneck), or BN-ReLU-3x3(k) when
+    `bn_size` is None; output is the input with k new channels concatenated."""
+    growth_rate: int
+    bn_size: Optional[int] = 4
+    drop_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = x
+        if self.bn_size:
+            y = nn.relu(norm(train, name="norm1", **kw)(y))
+            y = conv(self.bn_size * self.growth_rate, 1, name="conv1", **kw)(y)
+            y = nn.relu(norm(train, name="norm2", **kw)(y))
+            y = conv(self.growth_rate, 3, name="conv2", **kw)(y)
+        else:
+            y = nn.relu(norm(train, name="norm1", **kw)(y))
+            y = conv(self.growth_rate, 3, name="conv1", **kw)(y)
+        if self.drop_rate > 0:
+            y = nn.Dropout(self.drop_rate, deterministic=not train)(y)
+        return jnp.concatenate([x, y], axis=-1)
+
+
+class DenseBlock(nn.Module):
+    """`num_layers` DenseLayers, each seeing every earlier feature map. `remat` recomputes each
+    layer's activations in the backward pass instead of storing them (DenseNets are memory-bound)."""
+    num_layers: int
+    growth_rate: int
+    bn_size: Optional[int] = 4
+    drop_rate: float = 0.0
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        # static_argnums counts `self` as 0: argument 2 is `train`.
+        layer_cls = nn.remat(DenseLayer, static_argnums=(2,)) if self.remat else DenseLayer
+        for j in range(self.num_layers):
+            x = layer_cls(self.growth_rate, self.bn_size, self.drop_rate, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=f"denselayer{j + 1}")(x, train)
+        return x
+
+
+class Transition(nn.Module):
+    """DenseNet transition: BN-ReLU-1x1 conv to `features` channels, then 2x2 average pool."""
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.relu(norm(train, name="norm", **kw)(x))
+        x = conv(self.features, 1, name="conv", **kw)(x)
+        return nn.avg_pool(x, (2, 2), (2, 2))
+
+
+def transition_features(channels: int, compression: float) -> int:
+    """Channels after a transition with compression θ (floor, as DenseNet-BC and torchvision do)."""
+    return int(channels * compression)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block, 3x3-3x3. v1: conv-BN-ReLU, add, ReLU. `preact`: BN-ReLU-conv (v2).
+    A 1x1 projection (`downsample`) is used when the stride or width changes."""
+    features: int
+    stride: int = 1
+    preact: bool = False
+    se: bool = False
+    se_reduction: int = 16
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        out_ch = self.features * self.expansion
+        project = self.stride != 1 or x.shape[-1] != out_ch
+        if self.preact:
+            pre = nn.relu(norm(train, name="bn1", **kw)(x))
+            shortcut = conv(out_ch, 1, self.stride, name="downsample_conv", **kw)(pre) if project else x
+            y = conv(self.features, 3, self.stride, name="conv1", **kw)(pre)
+            y = nn.relu(norm(train, name="bn2", **kw)(y))
+            y = conv(out_ch, 3, name="conv2", **kw)(y)
+        else:
+            y = conv(self.features, 3, self.stride, name="conv1", **kw)(x)
+            y = nn.relu(norm(train, name="bn1", **kw)(y))
+            y = conv(out_ch, 3, name="conv2", **kw)(y)
+            y = norm(train, name="bn2", **kw)(y)
+            shortcut = x
+            if project:
+                shortcut = conv(out_ch, 1, self.stride, name="downsample_conv", **kw)(x)
+                shortcut = norm(train, name="downsample_bn", **kw)(shortcut)
+        if self.se:
+            y = SqueezeExcite(self.se_reduction, name="se", **kw)(y)
+        y = y + shortcut
+        return y if self.preact else nn.relu(y)
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck 1x1-3x3-1x1 (x4 expansion), stride on the 3x3 as torchvision (v1.5).
+    `preact` gives the v2 (identity-mapping) ordering."""
+    features: int
+    stride: int = 1
+    preact: bool = False
+    se: bool = False
+    se_reduction: int = 16
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        out_ch = self.features * self.expansion
+        project = self.stride != 1 or x.shape[-1] != out_ch
+        if self.preact:
+            pre = nn.relu(norm(train, name="bn1", **kw)(x))
+            shortcut = conv(out_ch, 1, self.stride, name="downsample_conv", **kw)(pre) if project else x
+            y = conv(self.features, 1, name="conv1", **kw)(pre)
+            y = nn.relu(norm(train, name="bn2", **kw)(y))
+            y = conv(self.features, 3, self.stride, name="conv2", **kw)(y)
+            y = nn.relu(norm(train, name="bn3", **kw)(y))
+            y = conv(out_ch, 1, name="conv3", **kw)(y)
+        else:
+            y = nn.relu(norm(train, name="bn1", **kw)(conv(self.features, 1, name="conv1", **kw)(x)))
+            y = nn.relu(norm(train, name="bn2", **kw)(conv(self.features, 3, self.stride, name="conv2", **kw)(y)))
+            y = norm(train, name="bn3", **kw)(conv(out_ch, 1, name="conv3", **kw)(y))
+            shortcut = x
+            if project:
+                shortcut = conv(out_ch, 1, self.stride, name="downsample_conv", **kw)(x)
+                shortcut = norm(train, name="downsample_bn", **kw)(shortcut)
+        if self.se:
+            y = SqueezeExcite(self.se_reduction, name="se", **kw)(y)
+        y = y + shortcut
+        return y if self.preact else nn.relu(y)
+
+
+class DenseResidualBlock(nn.Module):
+    """Seed 004's DRB: dense layers (concat) -> BN-ReLU-1x1 compress back to the input width ->
+    identity add."""
+    num_layers: int
+    growth_rate: int = 32
+    bn_size: int = 4
+    se: bool = False
+    se_reduction: int = 16
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = DenseBlock(self.num_layers, self.growth_rate, self.bn_size, remat=self.remat,
+                       name="dense", **kw)(x, train)
+        y = nn.relu(norm(train, name="compress_norm", **kw)(y))
+        y = conv(x.shape[-1], 1, name="compress_conv", **kw)(y)
+        if self.se:
+            y = SqueezeExcite(self.se_reduction, name="se", **kw)(y)
+        return y + x
+
+
+class DepthwiseSeparableConv(nn.Module):
+    """Depthwise 3x3 -> BN -> ReLU -> pointwise 1x1 -> BN -> ReLU (MobileNet v1 unit, seed 002)."""
+    features: int
+    stride: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = ConvBNAct(x.shape[-1], 3, self.stride, groups=x.shape[-1], name="dw", **kw)(x, train)
+        return ConvBNAct(self.features, 1, name="pw", **kw)(x, train)
