@@ -1,0 +1,414 @@
+"""The training loop: data -> jitted steps on a device mesh -> metrics -> checkpoints -> report."""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcnn.train.checkpoint import (CheckpointStore, open_for_reading, read_json, write_json_atomic)
+from jaxcnn.train.config import TrainConfig
+from jaxcnn.train.optim import make_optimizer
+from jaxcnn.train.precision import compute_dtype
+from jaxcnn.train.state import (TrainState, create_train_state, data_sharded, make_mesh, param_count,
+                                replicated)
+from jaxcnn.train.step import TraceCounter, make_eval_step, make_train_step, normalization
+
+# fp16: this many skipped (non-finite) steps in a row means the loss scale cannot recover.
+MAX_CONSECUTIVE_SKIPS = 25
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf; the message names the step."""
+
+
+# ----------------------------------------------------------------------------- setup
+@dataclass
+class Run:
+    """Everything built from a config and a data set that the epochs need."""
+    config: TrainConfig
+    data: Any
+    mesh: Any
+    model: Any
+    state: TrainState
+    abstract_state: TrainState
+    schedule: Any
+    steps_per_epoch: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    image_size: int
+    train_step: Any
+    eval_step: Any
+    counter: TraceCounter
+
+
+def load_data_for(config: TrainConfig):
+    """The DataSplits a config describes."""
+    from jaxcnn.data import load_data
+    return load_data(config.dataset, config.data_dir, image_size=config.image_size,
+                     val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                     seed=config.seed, limit_per_class=config.limit_per_class, cache_dir=config.cache_dir)
+
+
+def build_model(config: TrainConfig, num_classes: int):
+    from jaxcnn.models import create_model
+    return create_model(config.model, num_classes=num_classes, dtype=compute_dtype(config.precision),
+                        **config.model_kwargs)
+
+
+def build(config: TrainConfig, data, *, init: bool = True) -> Run:
+    """Model, optimizer, mesh, (abstract) state and jitted steps for `config` on `data`."""
+    num_classes = data.num_classes
+    if config.num_classes is not None and config.num_classes != num_classes:
+        raise ValueError(f"num_classes={config.num_classes} but the data set has {num_classes} classes "
+                         f"({', '.join(data.class_names[:10])}{', ...' if num_classes > 10 else ''})")
+    mesh = make_mesh(config.devices)
+    n_dev = mesh.devices.size
+    eval_bs = config.eval_batch_size or config.batch_size
+    micro = config.batch_size // config.grad_accum_steps
+    for what, bs in (("batch_size", config.batch_size), ("eval_batch_size", eval_bs),
+                     ("batch_size / grad_accum_steps", micro)):
+        if bs % n_dev:
+            raise ValueError(f"{what}={bs} is not divisible by the {n_dev} devices in use; "
+                             f"pick a multiple of {n_dev} or --devices")
+    if len(data.train) < config.batch_size:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the {len(data.train)} "
+                         "training images")
+    from jaxcnn.data import Loader
+    steps = Loader(data.train, config.batch_size, shuffle=True, drop_last=True, seed=config.seed).steps_per_epoch
+    if config.steps_per_epoch:
+        steps = min(steps, config.steps_per_epoch)
+    image_size = int(data.train.images.shape[1])
+    dtype = compute_dtype(config.precision)
+    model = build_model(config, num_classes)
+    tx, schedule = make_optimizer(config, steps)
+    mean, std = normalization(config.normalize, data.mean, data.std)
+    repl = replicated(mesh)
+
+    def init_fn():
+        return create_train_state(model, tx, image_size=image_size, seed=config.seed,
+                                  precision=config.precision, ema=config.ema_decay > 0, dtype=dtype)
+
+    abstract = jax.eval_shape(init_fn)
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
+    state = jax.jit(init_fn, out_shardings=repl)() if init else None
+    counter = TraceCounter()
+    train_step = make_train_step(
+        num_classes=num_classes, mean=mean, std=std, augment=config.augment_config(),
+        label_smoothing=config.label_smoothing, grad_accum_steps=config.grad_accum_steps,
+        ema_decay=config.ema_decay, compute_dtype=dtype, mesh=mesh, counter=counter)
+    eval_step = make_eval_step(num_classes=num_classes, mean=mean, std=std,
+                               label_smoothing=config.label_smoothing, use_ema=config.ema_decay > 0,
+                               compute_dtype=dtype, mesh=mesh, counter=counter)
+    return Run(config, data, mesh, model, state, abstract, schedule, steps, mean, std, image_size,
+               train_step, eval_step, counter)
+
+
+# ----------------------------------------------------------------------------- epochs
+def evaluate_dataset(run: Run, state: TrainState, ds) -> Dict[str, Any]:
+    """Loss, accuracy and predictions of `state` on an ArrayDataset (every example counted once)."""
+    from jaxcnn.data import Loader, prefetch, shard_batch
+    loader = Loader(ds, run.config.eval_batch_size or run.config.batch_size, shuffle=False, drop_last=False)
+    sharding = data_sharded(run.mesh)
+    loss = correct = count = 0.0
+    preds: List[np.ndarray] = []
+    for batch in prefetch(shard_batch(b, sharding) for b in loader.epoch(0)):
+        m = jax.device_get(run.eval_step(state, batch))
+        mask = np.asarray(batch["mask"])
+        loss += float(m["loss_sum"]); correct += float(m["correct"]); count += float(m["count"])
+        preds.append(np.asarray(m["pred"])[mask])
+    return dict(loss=loss / max(count, 1), acc=correct / max(count, 1), count=int(count),
+                predictions=np.concatenate(preds) if preds else np.zeros(0, np.int64))
+
+
+def train_epoch(run: Run, state: TrainState, epoch: int, loop: Dict[str, Any], last_good: str
+                ) -> Tuple[TrainState, Dict[str, float]]:
+    """One epoch (0-based `epoch`). Raises NonFiniteLossError naming the step if the loss breaks."""
+    from tqdm.auto import tqdm
+    from jaxcnn.data import Loader, prefetch, shard_batch
+    cfg = run.config
+    loader = Loader(run.data.train, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed)
+    sharding = data_sharded(run.mesh)
+    batches = prefetch(shard_batch(b, sharding) for b in itertools.islice(loader.epoch(epoch), run.steps_per_epoch))
+    bar = tqdm(total=run.steps_per_epoch, desc=f"Epoch {epoch + 1}/{cfg.epochs}", unit="step",
+               disable=not cfg.progress, leave=False, dynamic_ncols=True)
+    sums = dict(loss=0.0, correct=0.0, count=0.0, grad_norm=0.0, steps=0)
+    timing = {"t0": time.perf_counter(), "timed_images": 0}
+    t_start = timing["t0"]
+    skipped = 0
+
+    def consume(i: int, m) -> None:
+        nonlocal skipped
+        m = jax.device_get(m)
+        step = epoch * run.steps_per_epoch + i + 1
+        if not bool(m["finite"]):
+            if cfg.precision == "fp16":
+                skipped += 1
+                loop["consecutive_skips"] = loop.get("consecutive_skips", 0) + 1
+                if loop["consecutive_skips"] > MAX_CONSECUTIVE_SKIPS:
+                    raise NonFiniteLossError(
+                        f"fp16: {loop['consecutive_skips']} steps in a row with non-finite gradients "
+                        f"up to step {step} (loss scale {float(m['loss_scale']):g}); stopping. "
+                        f"{last_good} Try --precision bf16 or a lower learning rate.")
+            else:
+                raise NonFiniteLossError(
+                    f"non-finite loss ({float(m['loss'])}) at step {step} (epoch {epoch + 1}, batch "
+                    f"{i + 1} of {run.steps_per_epoch}); stopping. {last_good}")
+        else:
+            loop["consecutive_skips"] = 0
+            n = float(m["count"])
+            sums["loss"] += float(m["loss"]) * n
+            sums["correct"] += float(m["correct"]); sums["count"] += n
+            sums["grad_norm"] += float(m["grad_norm"]); sums["steps"] += 1
+        if i == 0:  # the first step carries the compilation: time from its end
+            timing["t0"], timing["timed_images"] = time.perf_counter(), 0
+        else:
+            timing["timed_images"] += cfg.batch_size
+        ips = timing["timed_images"] / max(time.perf_counter() - timing["t0"], 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{sums['loss'] / max(sums['count'], 1):.3f}",
+                        acc=f"{100 * sums['correct'] / max(sums['count'], 1):.1f}%",
+                        img_s=f"{ips:.0f}", refresh=False)
+
+    pending = None
+    try:
+        for i, batch in enumerate(batches):
+            state, metrics = run.train_step(state, batch)
+            if pending is not None:  # read step i-1 while step i runs: keeps the device busy
+                consume(*pending)
+            pending = (i, metrics)
+        if pending is not None:
+            consume(*pending)
+    finally:
+        bar.close()
+        batches.close()
+    t_end = time.perf_counter()
+    timed = timing["timed_images"]
+    ips = timed / max(t_end - timing["t0"], 1e-9) if timed else \
+        run.steps_per_epoch * cfg.batch_size / max(t_end - t_start, 1e-9)
+    out = dict(train_loss=sums["loss"] / max(sums["count"], 1), train_acc=sums["correct"] / max(sums["count"], 1),
+               grad_norm=sums["grad_norm"] / max(sums["steps"], 1), images_per_sec=ips,
+               train_time=t_end - t_start, skipped_steps=skipped)
+    return state, out
+
+
+def _improved(metric: str, value: float, best: Optional[float]) -> bool:
+    if best is None:
+        return True
+    return value < best if metric.endswith("loss") else value > best
+
+
+def current_lr(run: Run, state: TrainState) -> float:
+    return float(run.schedule(int(state.step))) * float(state.lr_scale)
+
+
+def update_callbacks(run: Run, state: TrainState, loop: Dict[str, Any], ev: Dict[str, float]
+                     ) -> TrainState:
+    """Reduce-on-plateau and early stopping, as Keras' callbacks do at the end of an epoch."""
+    cfg = run.config
+    if cfg.plateau_patience:
+        v = ev[cfg.plateau_metric]
+        if _improved(cfg.plateau_metric, v, loop["plateau_best"]):
+            loop["plateau_best"], loop["plateau_wait"] = v, 0
+        else:
+            loop["plateau_wait"] += 1
+            if loop["plateau_wait"] >= cfg.plateau_patience:
+                scale = float(state.lr_scale)
+                floor = cfg.plateau_min_lr / cfg.learning_rate
+                new = max(scale * cfg.plateau_factor, floor)
+                if new < scale:
+                    print(f"ReduceLROnPlateau: {cfg.plateau_metric} has not improved for "
+                          f"{cfg.plateau_patience} epochs; lr x{new / scale:g} -> {new * cfg.learning_rate:.2E}")
+                    state = state.replace(lr_scale=jax.device_put(jnp.float32(new), replicated(run.mesh)))
+                loop["plateau_wait"] = 0
+    if cfg.early_stopping_patience:
+        v = ev[cfg.early_stopping_metric]
+        if _improved(cfg.early_stopping_metric, v, loop["early_best"]):
+            loop["early_best"], loop["early_wait"] = v, 0
+        else:
+            loop["early_wait"] += 1
+            if loop["early_wait"] >= cfg.early_stopping_patience:
+                loop["stopped_early"] = True
+                print(f"EarlyStopping: {cfg.early_stopping_metric} has not improved for "
+                      f"{cfg.early_stopping_patience} epochs; stopping after epoch {loop['epoch']}.")
+    return state
+
+
+def _new_loop_state() -> Dict[str, Any]:
+    return dict(epoch=0, best_val_acc=None, best_epoch=None, plateau_best=None, plateau_wait=0,
+                early_best=None, early_wait=0, stopped_early=False, skipped_steps=0, consecutive_skips=0,
+                train_time=0.0, epoch_images_per_sec=[])
+
+
+def _config_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    ignore = {"resume", "progress", "eval_only", "checkpoint"}
+    return [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(new)
+            if k not in ignore and old.get(k) != new[k]]
+
+
+# ----------------------------------------------------------------------------- entry points
+def train_and_evaluate(config: TrainConfig, *, data=None) -> Dict[str, Any]:
+    """Train `config` (resuming from its work directory when it holds checkpoints), evaluate the
+    test set with the best (or last) model and write the run's report.
+
+    Args:
+      config: the run; see TrainConfig.
+      data: DataSplits to use instead of loading `config`'s data set (tests).
+
+    Returns:
+      The summary written to summary.json.
+
+    Raises:
+      IncompatibleCheckpointError: the work directory holds another model's checkpoints.
+      NonFiniteLossError: the loss became NaN/Inf (the message names the step).
+    """
+    from jaxcnn.train.report import Reporter
+    t_wall = time.perf_counter()
+    config = config.validate()
+    workdir = os.path.abspath(config.resolved_workdir)
+    config = config.replace(workdir=workdir)
+    if data is None:
+        data = load_data_for(config)
+    if data.skipped:
+        print(f"data: skipped {data.skipped} unreadable files")
+    run = build(config, data)
+    cfg_dict = config.replace(num_classes=data.num_classes).to_dict()
+    store = CheckpointStore(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    state, loop, resumed = run.state, _new_loop_state(), False
+    latest = store.latest_epoch()
+    try:
+        if latest is None and config.resume:
+            raise FileNotFoundError(f"--resume: no checkpoint in {store.directory}")
+        if latest is not None:
+            store.check_compatible(latest, run.abstract_state, cfg_dict, data.class_names)
+            del state
+            state, meta = store.restore(latest, run.abstract_state)
+            loop, resumed = meta["loop"], True
+            changed = _config_diff(meta["config"], cfg_dict)
+            print(f"Resuming {workdir} after epoch {loop['epoch']} (step {int(state.step)})"
+                  + ("; changed settings: " + "; ".join(changed) if changed else ""))
+    except BaseException:
+        store.close()
+        raise
+    write_json_atomic(os.path.join(workdir, "config.json"), cfg_dict)
+    write_json_atomic(os.path.join(workdir, "class_names.json"), list(data.class_names))
+    n_params = param_count(state.params)
+    ev_name = "val" if data.val is not None else "test"
+    ev_ds = data.val if data.val is not None else data.test
+    print(f"{config.model}: {n_params:,} parameters; {data.source}: {len(data.train)} train, "
+          f"{len(data.val) if data.val is not None else 0} val, {len(data.test)} test, "
+          f"{data.num_classes} classes, {run.image_size}px; {run.mesh.devices.size} x "
+          f"{run.mesh.devices.flat[0].platform} device(s), {config.precision}; "
+          f"{run.steps_per_epoch} steps/epoch of {config.batch_size}")
+    if ev_name == "test":
+        print("warning: no validation split (--val-fraction 0): the best epoch, plateau and early "
+              "stopping are chosen on the test set")
+    data_meta = dict(class_names=list(data.class_names), image_size=run.image_size, mean=list(run.mean),
+                     std=list(run.std), source=data.source)
+    reporter = Reporter(workdir, data.class_names, resume=resumed)
+    try:
+        while loop["epoch"] < config.epochs and not loop["stopped_early"]:
+            epoch = loop["epoch"]
+            last_good = (f"The last good checkpoint (epoch {epoch}) is kept in {store.directory}."
+                         if epoch else "No checkpoint was written.")
+            t0 = time.perf_counter()
+            state, tr = train_epoch(run, state, epoch, loop, last_good)
+            ev = evaluate_dataset(run, state, ev_ds)
+            loop["epoch"] = epoch + 1
+            loop["skipped_steps"] += tr["skipped_steps"]
+            loop["train_time"] += tr["train_time"]
+            loop["epoch_images_per_sec"].append(tr["images_per_sec"])
+            if loop["best_val_acc"] is None or ev["acc"] >= loop["best_val_acc"]:
+                # ties go to the later epoch, as Orbax's best_step() does
+                loop["best_val_acc"], loop["best_epoch"] = ev["acc"], epoch + 1
+            state = update_callbacks(run, state, loop, {"val_loss": ev["loss"], "val_acc": ev["acc"]})
+            record = dict(epoch=epoch + 1, train_loss=tr["train_loss"], train_acc=tr["train_acc"],
+                          **{f"{ev_name}_loss": ev["loss"], f"{ev_name}_acc": ev["acc"]},
+                          lr=current_lr(run, state), images_per_sec=tr["images_per_sec"],
+                          epoch_time=time.perf_counter() - t0, grad_norm=tr["grad_norm"])
+            if config.precision == "fp16":
+                record.update(skipped_steps=tr["skipped_steps"], loss_scale=float(state.loss_scale.scale))
+            store.save(epoch + 1, state, dict(epoch=epoch + 1, loop=loop, config=cfg_dict, data=data_meta),
+                       ev["acc"])
+            reporter.log_epoch(record)
+        store.wait()
+        final_epoch = loop["epoch"]
+        best = store.best_epoch()
+        if config.keep_best and best is not None and best != final_epoch:
+            print(f"Restoring the best epoch {best} ({ev_name} accuracy {100 * loop['best_val_acc']:.1f}%)")
+            state, _ = store.restore(best, run.abstract_state)
+        used_epoch = best if (config.keep_best and best is not None) else final_epoch
+        test = evaluate_dataset(run, state, data.test)
+        print(f"Test accuracy {100 * test['acc']:.2f}% (loss {test['loss']:.4f}) on {test['count']} images, "
+              f"model of epoch {used_epoch}")
+    finally:
+        store.close()
+    ips = loop["epoch_images_per_sec"]
+    steady = ips[1:] if len(ips) > 1 else ips
+    summary = dict(
+        model=config.model, recipe=config.recipe, dataset=config.dataset, data_source=data.source,
+        parameters=n_params, num_classes=data.num_classes, image_size=run.image_size,
+        epochs_run=loop["epoch"], stopped_early=loop["stopped_early"], best_epoch=loop["best_epoch"],
+        monitored_split=ev_name, best_val_acc=loop["best_val_acc"], evaluated_epoch=used_epoch,
+        test_acc=test["acc"], test_loss=test["loss"], test_images=test["count"],
+        train_time_s=loop["train_time"], wall_time_s=time.perf_counter() - t_wall,
+        images_per_sec=float(np.median(steady)) if steady else None,
+        devices=int(run.mesh.devices.size), precision=config.precision,
+        skipped_steps=loop["skipped_steps"], compilations=dict(run.counter.counts),
+        workdir=workdir, config=cfg_dict)
+    return reporter.finish(summary, predictions=test["predictions"], labels=data.test.labels)
+
+
+EVAL_OVERRIDABLE = ("dataset", "data_dir", "cache_dir", "limit_per_class", "batch_size", "eval_batch_size",
+                    "devices", "precision", "progress")
+
+
+def evaluate(checkpoint: str, *, overrides: Optional[Dict[str, Any]] = None, data=None,
+             split: str = "test") -> Dict[str, Any]:
+    """Evaluate a saved model on its data set's test (or val) split.
+
+    Args:
+      checkpoint: a work directory (its best checkpoint, else the latest), its checkpoints/ folder
+        or one epoch's folder.
+      overrides: settings to change from the saved config; only EVAL_OVERRIDABLE fields (where the
+        data is, batch size, devices, precision).
+      data: DataSplits to use instead of loading the saved config's data set.
+      split: 'test' or 'val'.
+
+    Returns:
+      dict with loss, acc, count, epoch, checkpoint, split.
+    """
+    store, epoch = open_for_reading(checkpoint)
+    try:
+        meta = store.meta(epoch)
+        saved = dict(meta["config"])
+        bad = sorted(set(overrides or {}) - set(EVAL_OVERRIDABLE))
+        if bad:
+            raise ValueError(f"evaluation cannot change {', '.join(bad)}; it can change "
+                             f"{', '.join(EVAL_OVERRIDABLE)}")
+        saved.update(overrides or {})
+        config = TrainConfig.from_dict({**saved, "eval_only": False, "checkpoint": None})
+        if data is None:
+            data = load_data_for(config)
+        if list(data.class_names) != list(meta["data"]["class_names"]):
+            raise ValueError(f"the data set's classes {data.class_names} differ from the checkpoint's "
+                             f"{meta['data']['class_names']}")
+        run = build(config, data, init=False)
+        store.check_compatible(epoch, run.abstract_state, config.to_dict(), data.class_names)
+        state, _ = store.restore(epoch, run.abstract_state)
+    finally:
+        store.close()
+    ds = data.test if split == "test" else data.val
+    if ds is None:
+        raise ValueError(f"the data has no {split} split")
+    res = evaluate_dataset(run, state, ds)
+    print(f"{config.model} epoch {epoch} on {split} ({res['count']} images): "
+          f"accuracy {100 * res['acc']:.2f}%, loss {res['loss']:.4f}")
+    res.pop("predictions")
+    return dict(res, epoch=epoch, checkpoint=store.directory, split=split)

@@ -1,0 +1,163 @@
+"""Pure, jitted train and eval steps, data-parallel over a ('data',) device mesh.
+
+The batch is sharded over the mesh's `data` axis and the state replicated, so under jit XLA
+computes BatchNorm statistics and gradient means over the global batch (no pmap, no explicit
+all-reduce). uint8 images cross host->device; augmentation and normalisation run in the step.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxcnn.train.optim import cross_entropy, smooth_labels
+from jaxcnn.train.precision import all_finite
+from jaxcnn.train.state import TrainState, data_sharded, replicated
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+class TraceCounter:
+    """Counts how often each step function is traced: each trace is one XLA compilation."""
+
+    def __init__(self):
+        self.counts: Dict[str, int] = {}
+
+    def hit(self, name: str) -> None:
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+
+def _micro_batches(x: jax.Array, k: int) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...] taking every k-th example, so each device's contiguous shard of
+    the batch stays on that device."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+
+def make_train_step(*, num_classes: int, mean: Sequence[float], std: Sequence[float], augment,
+                    label_smoothing: float = 0.0, grad_accum_steps: int = 1, ema_decay: float = 0.0,
+                    compute_dtype=jnp.float32, mesh=None, counter: Optional[TraceCounter] = None
+                    ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict[str, jax.Array]]]:
+    """Returns `train_step(state, batch) -> (state, metrics)`, jitted with the state donated.
+
+    Args:
+      num_classes, mean, std, augment: passed to jaxcnn.data.preprocess (augment: AugmentConfig).
+      label_smoothing: applied to the (possibly mixed) soft labels.
+      grad_accum_steps: the batch is split into this many micro-batches whose gradients are
+        averaged before one update (BatchNorm statistics are per micro-batch).
+      ema_decay: when > 0, state.ema_params tracks an EMA of the parameters.
+      compute_dtype: dtype of activations; parameters stay float32.
+      mesh: a ('data',) Mesh; the batch is sharded over it and the state replicated.
+      counter: a TraceCounter to prove the step compiles once.
+
+    metrics (all scalars): loss (mean over the batch), correct, count, grad_norm, param_norm,
+    update_norm, finite (bool: the step was applied), loss_scale.
+    """
+    from jaxcnn.data import preprocess
+    k = grad_accum_steps
+
+    def train_step(state: TrainState, batch):
+        if counter is not None:
+            counter.hit("train_step")
+        step_key = jax.random.fold_in(state.rng, state.step)
+        aug_key, dropout_key = jax.random.split(step_key)
+        images, soft = preprocess(aug_key, batch["image"], batch["label"], num_classes=num_classes,
+                                  mean=mean, std=std, augment=augment, dtype=compute_dtype)
+        soft = smooth_labels(soft, label_smoothing)
+        mask = batch["mask"].astype(jnp.float32)
+        labels = batch["label"]
+
+        def loss_fn(params, batch_stats, x, y, m, key):
+            logits, updates = state.apply_fn({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                             rngs={"dropout": key}, mutable=["batch_stats"])
+            loss = jnp.sum(cross_entropy(logits, y) * m) / jnp.maximum(jnp.sum(m), 1.0)
+            return state.loss_scale.scale_loss(loss), (loss, logits, updates["batch_stats"])
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if k == 1:
+            (_, (loss, logits, batch_stats)), grads = grad_fn(
+                state.params, state.batch_stats, images, soft, mask, dropout_key)
+            correct = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
+        else:
+            def micro(carry, xs):
+                grads_acc, batch_stats, loss_acc, correct_acc = carry
+                x, y, m, lab, i = xs
+                (_, (loss, logits, batch_stats)), g = grad_fn(
+                    state.params, batch_stats, x, y, m, jax.random.fold_in(dropout_key, i))
+                grads_acc = jax.tree.map(jnp.add, grads_acc, g)
+                correct_acc = correct_acc + jnp.sum((jnp.argmax(logits, -1) == lab) * m)
+                return (grads_acc, batch_stats, loss_acc + loss, correct_acc), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            xs = (_micro_batches(images, k), _micro_batches(soft, k), _micro_batches(mask, k),
+                  _micro_batches(labels, k), jnp.arange(k))
+            (grads, batch_stats, loss, correct), _ = jax.lax.scan(
+                micro, (zeros, state.batch_stats, jnp.zeros(()), jnp.zeros(())), xs)
+            grads = jax.tree.map(lambda g: g / k, grads)
+            loss = loss / k
+        grads = state.loss_scale.unscale(grads)
+        finite = all_finite(grads) if state.loss_scale.enabled else jnp.isfinite(loss)
+
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            batch_stats=batch_stats, ema_params=ema,
+                            loss_scale=state.loss_scale.update(finite))
+        if state.loss_scale.enabled:
+            # fp16: a step with non-finite gradients changes nothing but the step and loss scale.
+            keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
+            new = new.replace(params=keep(new.params, state.params),
+                              opt_state=keep(new.opt_state, state.opt_state),
+                              batch_stats=keep(new.batch_stats, state.batch_stats),
+                              ema_params=keep(new.ema_params, state.ema_params))
+        metrics = dict(loss=loss, correct=correct, count=jnp.sum(mask),
+                       grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+                       update_norm=optax.global_norm(updates), finite=finite,
+                       loss_scale=state.loss_scale.scale)
+        return new, metrics
+
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0,
+                   in_shardings=(replicated(mesh), data_sharded(mesh)),
+                   out_shardings=(replicated(mesh), replicated(mesh)))
+
+
+def make_eval_step(*, num_classes: int, mean: Sequence[float], std: Sequence[float],
+                   label_smoothing: float = 0.0, use_ema: bool = False, compute_dtype=jnp.float32,
+                   mesh=None, counter: Optional[TraceCounter] = None):
+    """Returns `eval_step(state, batch) -> metrics`: summed loss and correct over the examples with
+    mask=True (padding is ignored), their count, and the per-example predictions [B]."""
+    from jaxcnn.data import preprocess
+
+    def eval_step(state: TrainState, batch):
+        if counter is not None:
+            counter.hit("eval_step")
+        images, soft = preprocess(jax.random.PRNGKey(0), batch["image"], batch["label"],
+                                  num_classes=num_classes, mean=mean, std=std, augment=None,
+                                  dtype=compute_dtype)
+        params = state.ema_params if use_ema else state.params
+        logits = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images, train=False)
+        mask = batch["mask"].astype(jnp.float32)
+        pred = jnp.argmax(logits, -1)
+        loss = cross_entropy(logits, smooth_labels(soft, label_smoothing))
+        return dict(loss_sum=jnp.sum(loss * mask), correct=jnp.sum((pred == batch["label"]) * mask),
+                    count=jnp.sum(mask), pred=pred)
+
+    if mesh is None:
+        return jax.jit(eval_step)
+    return jax.jit(eval_step, in_shardings=(replicated(mesh), data_sharded(mesh)),
+                   out_shardings=replicated(mesh))
+
+
+def normalization(normalize: str, data_mean, data_std):
+    """(mean, std) on the 0..255 scale: the data set's own, or ImageNet's (seed 004)."""
+    if normalize == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(float(m) for m in data_mean), tuple(float(s) for s in data_std)
