@@ -55,7 +55,8 @@ def test_image_folder_real_jpegs(real_dir, cache):
     np.testing.assert_array_equal(np.bincount(s.train.labels), [20] * 10)
     assert s.val is None and s.skipped == 0 and "train/test" in s.source
     # Pixels are exactly PIL's decode of the file; label 3 starts at index 60 (sorted classes).
-    ref = np.asarray(Image.open(real_dir / "train" / "cat" / sorted(os.listdir(real_dir / "train" / "cat"))[0]))
+    cats = real_dir / "train" / "cat"
+    ref = np.asarray(Image.open(cats / sorted(os.listdir(cats))[0]))
     np.testing.assert_array_equal(s.train.images[60], ref)
     assert all(100 < m < 140 for m in s.mean) and all(50 < d < 75 for d in s.std)
     # Statistics from the cached histograms match a direct computation.
@@ -208,7 +209,8 @@ FULL = AugmentConfig(brightness=0.2, contrast=0.2, saturation=0.2, rotation=15, 
 
 
 def _pre(aug, dtype=jnp.float32):
-    return jax.jit(lambda r, x, y: preprocess(r, x, y, num_classes=10, mean=MEAN, std=STD, augment=aug, dtype=dtype))
+    return jax.jit(lambda r, x, y: preprocess(r, x, y, num_classes=10, mean=MEAN, std=STD,
+                                              augment=aug, dtype=dtype))
 
 
 def test_eval_path_only_normalises():
