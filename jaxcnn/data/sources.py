@@ -205,7 +205,8 @@ def _load_tfds(name: str, data_dir: Optional[Path], download: bool):
     except Exception as e:
         raise RuntimeError(
             f"could not load TFDS dataset '{name}' ({type(e).__name__}: {e}). Downloading needs internet, "
-            "and preparing most TFDS datasets needs TensorFlow, which jaxcnn does not install. Instead pass "
+            "and preparing most TFDS datasets needs TensorFlow, which jaxcnn does not install (pip install 'jaxcnn[tfds]' "
+            "adds it). Or pass "
             "--data-dir (data_dir=) pointing at an image folder (DIR/train/<class>/*.jpg + DIR/test/<class>/"
             "*.jpg, or one DIR/<class>/* folder) or at a CIFAR python-batch folder (cifar-10-batches-py, "
             "cifar-100-python from https://www.cs.toronto.edu/~kriz/cifar.html).") from e
