@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxcnn.models import DenseNet, MobileNetV1, ResDenseNet, ResNet, SimpleCNN, VGG, create_model, model_info
+from jaxcnn.models import (DenseNet, MobileNetV1, ResDenseNet, ResNet, SimpleCNN, VGG, create_model,
+                           model_info)
 
 Rename = Tuple[str, Union[str, Callable[[re.Match], str]]]
 

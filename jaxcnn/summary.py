@@ -58,15 +58,17 @@ def summary(model: Union[nn.Module, str], input_shape: Sequence[int], *, batch_s
       input_shape: `(N, H, W, C)`, or `(H, W, C)` with `batch_size` prepended.
       batch_size: batch size used when `input_shape` has no batch dimension.
       print_fn: where each line goes (`print` by default; `None` prints nothing).
-      xla_flops: also compile the forward pass and report XLA's cost-analysis flop count (it
-        includes BatchNorm, activations and pooling, so it exceeds 2 x MACs).
+      xla_flops: also compile the forward pass and report XLA's cost-analysis flop count: 2 per
+        multiply-add, but only for kernel taps inside the input (not on the zero padding), plus
+        BatchNorm, activations and pooling; so close to, not equal to, 2 x `macs`.
 
     Returns:
       A dict: `total_params` (the `params` collection; equal to torchsummary's "Total params",
       which counts no buffers either), `trainable_params` (same), `non_trainable_params`
       (`batch_stats`: BatchNorm running statistics, not in the total), `macs` (multiply-
-      accumulates of every Conv and Dense for the whole batch, counted from their shapes;
-      BatchNorm, activations, pooling and additions are not counted), `input_size_mb`,
+      accumulates of every Conv and Dense for the whole batch, counted from their shapes:
+      output elements x kernel taps x input channels per group, padding taps included, as
+      ptflops/fvcore count; BatchNorm, activations, pooling and additions are not counted), `input_size_mb`,
       `forward_backward_size_mb` (2 x the bytes of every row's output, torchsummary's
       estimate), `params_size_mb`, `batch_stats_size_mb`, `total_size_mb`, `rows` (a list of
       dicts: path, type, output_shape, params, macs) and, with `xla_flops`, `xla_flops`.
