@@ -38,11 +38,6 @@ def write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
 def _normalise(v):
     """JSON round trip (tuples -> lists) so saved and live values compare equal."""
     return json.loads(json.dumps(v, sort_keys=True, default=list))
@@ -81,9 +76,10 @@ class CheckpointStore:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC], best_mode="max",
             create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
-            enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
+            enable_async_checkpointing=True, save_interval_steps=0 if read_only else 1)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     # -- queries
     def epochs(self) -> List[int]:

@@ -8,7 +8,7 @@ import typing
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from jaxcnn.train.config import TrainConfig
-from jaxcnn.train.recipes import RECIPES, build_config, default_recipe_for
+from jaxcnn.train.recipes import RECIPES, build_config
 
 _GROUPS = ("model", "data", "augmentation", "optimization", "hardware", "run")
 
@@ -139,15 +139,6 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = No
     return config, typed
 
 
-def describe(config: TrainConfig) -> str:
-    """The recipe and the resolved settings, printed at the start of a run."""
-    r = RECIPES[config.recipe]
-    lines = [r.describe(), "settings: " + ", ".join(
-        f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
-        if f.name not in ("recipe",))]
-    return "\n".join(lines)
-
-
 def main(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None, description: str = "",
          defaults: Mapping[str, Any] = (), required: Sequence[str] = ()) -> int:
     """Entry point shared by experiments/*.py: train (or --eval-only) and print the outcome."""
@@ -158,7 +149,6 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None, de
         res = evaluate(config.checkpoint, overrides={k: getattr(config, k) for k in typed
                                                      if k in EVAL_OVERRIDABLE})
         return 0 if res["count"] else 1
-    print(describe(config), flush=True)
     train_and_evaluate(config)
     return 0
 

@@ -66,6 +66,7 @@ class TrainConfig:
     mixup_alpha: float = _field(0.0, "mixup Beta(alpha, alpha) (0 = off)", "augmentation", check=NONNEG)
     cutmix_alpha: float = _field(0.0, "cutmix Beta(alpha, alpha) (0 = off)", "augmentation", check=NONNEG)
     # --- optimisation
+    # In Python, recipes.build_config(recipe, ...) applies a recipe; this field only records it.
     recipe: Optional[str] = _field(None, "named preset the other settings start from (see "
                                    "jaxcnn/train/recipes.py); default: the model's seed recipe",
                                    "optimization")

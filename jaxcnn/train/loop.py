@@ -1,8 +1,9 @@
 """The training loop: data -> jitted steps on a device mesh -> metrics -> checkpoints -> report."""
 from __future__ import annotations
 
+import copy
 import itertools
-import math
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -12,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcnn.train.checkpoint import (CheckpointStore, open_for_reading, read_json, write_json_atomic)
+from jaxcnn.train.checkpoint import CheckpointStore, open_for_reading, write_json_atomic
 from jaxcnn.train.config import TrainConfig
 from jaxcnn.train.optim import make_optimizer
 from jaxcnn.train.precision import compute_dtype
+from jaxcnn.train.recipes import describe
 from jaxcnn.train.state import (TrainState, create_train_state, data_sharded, make_mesh, param_count,
                                 replicated)
 from jaxcnn.train.step import TraceCounter, make_eval_step, make_train_step, normalization
@@ -36,7 +38,7 @@ class Run:
     data: Any
     mesh: Any
     model: Any
-    state: TrainState
+    init_state: Any              # () -> TrainState (jitted; compiled only when a run starts fresh)
     abstract_state: TrainState
     schedule: Any
     steps_per_epoch: int
@@ -97,7 +99,7 @@ def build(config: TrainConfig, data, *, init: bool = True) -> Run:
 
     abstract = jax.eval_shape(init_fn)
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
-    state = jax.jit(init_fn, out_shardings=repl)() if init else None
+    state = jax.jit(init_fn, out_shardings=repl) if init else None
     counter = TraceCounter()
     train_step = make_train_step(
         num_classes=num_classes, mean=mean, std=std, augment=config.augment_config(),
@@ -138,7 +140,7 @@ def train_epoch(run: Run, state: TrainState, epoch: int, loop: Dict[str, Any], l
     batches = prefetch(shard_batch(b, sharding) for b in itertools.islice(loader.epoch(epoch), run.steps_per_epoch))
     bar = tqdm(total=run.steps_per_epoch, desc=f"Epoch {epoch + 1}/{cfg.epochs}", unit="step",
                disable=not cfg.progress, leave=False, dynamic_ncols=True)
-    sums = dict(loss=0.0, correct=0.0, count=0.0, grad_norm=0.0, steps=0)
+    sums = dict(loss=0.0, correct=0.0, count=0.0, grad_norm=0.0, update_norm=0.0, param_norm=0.0, steps=0)
     timing = {"t0": time.perf_counter(), "timed_images": 0}
     t_start = timing["t0"]
     skipped = 0
@@ -165,7 +167,8 @@ def train_epoch(run: Run, state: TrainState, epoch: int, loop: Dict[str, Any], l
             n = float(m["count"])
             sums["loss"] += float(m["loss"]) * n
             sums["correct"] += float(m["correct"]); sums["count"] += n
-            sums["grad_norm"] += float(m["grad_norm"]); sums["steps"] += 1
+            sums["grad_norm"] += float(m["grad_norm"]); sums["update_norm"] += float(m["update_norm"])
+            sums["param_norm"] = float(m["param_norm"]); sums["steps"] += 1
         if i == 0:  # the first step carries the compilation: time from its end
             timing["t0"], timing["timed_images"] = time.perf_counter(), 0
         else:
@@ -193,7 +196,9 @@ def train_epoch(run: Run, state: TrainState, epoch: int, loop: Dict[str, Any], l
     ips = timed / max(t_end - timing["t0"], 1e-9) if timed else \
         run.steps_per_epoch * cfg.batch_size / max(t_end - t_start, 1e-9)
     out = dict(train_loss=sums["loss"] / max(sums["count"], 1), train_acc=sums["correct"] / max(sums["count"], 1),
-               grad_norm=sums["grad_norm"] / max(sums["steps"], 1), images_per_sec=ips,
+               grad_norm=sums["grad_norm"] / max(sums["steps"], 1),
+               update_norm=sums["update_norm"] / max(sums["steps"], 1), param_norm=sums["param_norm"],
+               images_per_sec=ips,
                train_time=t_end - t_start, skipped_steps=skipped)
     return state, out
 
@@ -248,8 +253,26 @@ def _new_loop_state() -> Dict[str, Any]:
 
 def _config_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     ignore = {"resume", "progress", "eval_only", "checkpoint"}
+    old, new = json.loads(json.dumps(old, default=list)), json.loads(json.dumps(new, default=list))
     return [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(new)
             if k not in ignore and old.get(k) != new[k]]
+
+
+def _restore_or_init(run: Run, store: CheckpointStore, cfg_dict: Dict[str, Any]
+                     ) -> Tuple[TrainState, Dict[str, Any], bool]:
+    """(state, loop state, resumed): the latest checkpoint if there is one (after checking that it
+    fits this run), else a freshly initialised state."""
+    latest = store.latest_epoch()
+    if latest is None:
+        if run.config.resume:
+            raise FileNotFoundError(f"--resume: no checkpoint in {store.directory}")
+        return run.init_state(), _new_loop_state(), False
+    store.check_compatible(latest, run.abstract_state, cfg_dict, run.data.class_names)
+    state, meta = store.restore(latest, run.abstract_state)
+    changed = _config_diff(meta["config"], cfg_dict)
+    print(f"Resuming {run.config.workdir} after epoch {meta['loop']['epoch']} (step {int(state.step)})"
+          + ("; changed settings: " + "; ".join(changed) if changed else ""))
+    return state, meta["loop"], True
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -273,6 +296,7 @@ def train_and_evaluate(config: TrainConfig, *, data=None) -> Dict[str, Any]:
     config = config.validate()
     workdir = os.path.abspath(config.resolved_workdir)
     config = config.replace(workdir=workdir)
+    print(describe(config), flush=True)
     if data is None:
         data = load_data_for(config)
     if data.skipped:
@@ -280,19 +304,8 @@ def train_and_evaluate(config: TrainConfig, *, data=None) -> Dict[str, Any]:
     run = build(config, data)
     cfg_dict = config.replace(num_classes=data.num_classes).to_dict()
     store = CheckpointStore(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    state, loop, resumed = run.state, _new_loop_state(), False
-    latest = store.latest_epoch()
     try:
-        if latest is None and config.resume:
-            raise FileNotFoundError(f"--resume: no checkpoint in {store.directory}")
-        if latest is not None:
-            store.check_compatible(latest, run.abstract_state, cfg_dict, data.class_names)
-            del state
-            state, meta = store.restore(latest, run.abstract_state)
-            loop, resumed = meta["loop"], True
-            changed = _config_diff(meta["config"], cfg_dict)
-            print(f"Resuming {workdir} after epoch {loop['epoch']} (step {int(state.step)})"
-                  + ("; changed settings: " + "; ".join(changed) if changed else ""))
+        state, loop, resumed = _restore_or_init(run, store, cfg_dict)
     except BaseException:
         store.close()
         raise
@@ -331,11 +344,13 @@ def train_and_evaluate(config: TrainConfig, *, data=None) -> Dict[str, Any]:
             record = dict(epoch=epoch + 1, train_loss=tr["train_loss"], train_acc=tr["train_acc"],
                           **{f"{ev_name}_loss": ev["loss"], f"{ev_name}_acc": ev["acc"]},
                           lr=current_lr(run, state), images_per_sec=tr["images_per_sec"],
-                          epoch_time=time.perf_counter() - t0, grad_norm=tr["grad_norm"])
+                          epoch_time=time.perf_counter() - t0, grad_norm=tr["grad_norm"],
+                          update_norm=tr["update_norm"], param_norm=tr["param_norm"])
             if config.precision == "fp16":
                 record.update(skipped_steps=tr["skipped_steps"], loss_scale=float(state.loss_scale.scale))
-            store.save(epoch + 1, state, dict(epoch=epoch + 1, loop=loop, config=cfg_dict, data=data_meta),
-                       ev["acc"])
+            # a copy: Orbax may serialise the meta after `loop` has moved on to the next epoch
+            store.save(epoch + 1, state, copy.deepcopy(dict(epoch=epoch + 1, loop=loop, config=cfg_dict,
+                                                            data=data_meta)), ev["acc"])
             reporter.log_epoch(record)
         store.wait()
         final_epoch = loop["epoch"]
@@ -349,8 +364,7 @@ def train_and_evaluate(config: TrainConfig, *, data=None) -> Dict[str, Any]:
               f"model of epoch {used_epoch}")
     finally:
         store.close()
-    ips = loop["epoch_images_per_sec"]
-    steady = ips[1:] if len(ips) > 1 else ips
+    ips = loop["epoch_images_per_sec"]  # each epoch's first step (compilation) is not timed
     summary = dict(
         model=config.model, recipe=config.recipe, dataset=config.dataset, data_source=data.source,
         parameters=n_params, num_classes=data.num_classes, image_size=run.image_size,
@@ -358,7 +372,7 @@ def train_and_evaluate(config: TrainConfig, *, data=None) -> Dict[str, Any]:
         monitored_split=ev_name, best_val_acc=loop["best_val_acc"], evaluated_epoch=used_epoch,
         test_acc=test["acc"], test_loss=test["loss"], test_images=test["count"],
         train_time_s=loop["train_time"], wall_time_s=time.perf_counter() - t_wall,
-        images_per_sec=float(np.median(steady)) if steady else None,
+        images_per_sec=float(np.median(ips)) if ips else None,
         devices=int(run.mesh.devices.size), precision=config.precision,
         skipped_steps=loop["skipped_steps"], compilations=dict(run.counter.counts),
         workdir=workdir, config=cfg_dict)

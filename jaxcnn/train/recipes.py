@@ -86,3 +86,10 @@ def build_config(recipe: str | None = None, *, base: Mapping[str, Any] = (), **o
     model = overrides.get("model", dict(base).get("model", TrainConfig.model))
     recipe = recipe or default_recipe_for(model)
     return TrainConfig(**{**dict(base), **get_recipe(recipe).values, **overrides, "recipe": recipe})
+
+
+def describe(config: TrainConfig) -> str:
+    """The recipe and every resolved setting, printed at the start of a run."""
+    head = get_recipe(config.recipe).describe() if config.recipe else "no recipe"
+    return head + "\nsettings: " + ", ".join(
+        f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config) if f.name != "recipe")

@@ -117,8 +117,8 @@ def make_train_step(*, num_classes: int, mean: Sequence[float], std: Sequence[fl
                               batch_stats=keep(new.batch_stats, state.batch_stats),
                               ema_params=keep(new.ema_params, state.ema_params))
         metrics = dict(loss=loss, correct=correct, count=jnp.sum(mask),
-                       grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
-                       update_norm=optax.global_norm(updates), finite=finite,
+                       grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+                       update_norm=optax.tree.norm(updates), finite=finite,
                        loss_scale=state.loss_scale.scale)
         return new, metrics
 
