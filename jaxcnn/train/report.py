@@ -64,11 +64,13 @@ def _version(dist: str) -> Optional[str]:
 
 
 def epoch_line(m: Dict[str, float]) -> str:
-    """Seed 004's per-epoch line; 'Test' columns hold validation figures when a split exists."""
+    """Seed 004's per-epoch line. With a validation split its columns say Val_, not Test_: the
+    figures that pick the best model must never be mistaken for test accuracy."""
     ev = "val" if "val_acc" in m else "test"
-    return ("Epoch:{:2d}, Train_acc:{:.1f}%, Train_loss:{:.3f}, Test_acc:{:.1f}%, Test_loss:{:.3f}, "
+    col = ev.capitalize()
+    return ("Epoch:{:2d}, Train_acc:{:.1f}%, Train_loss:{:.3f}, {c}_acc:{:.1f}%, {c}_loss:{:.3f}, "
             "Lr:{:.2E}").format(int(m["epoch"]), 100 * m["train_acc"], m["train_loss"],
-                                100 * m[f"{ev}_acc"], m[f"{ev}_loss"], m["lr"])
+                                100 * m[f"{ev}_acc"], m[f"{ev}_loss"], m["lr"], c=col)
 
 
 class Reporter:
