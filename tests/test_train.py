@@ -117,13 +117,18 @@ def test_recipes_name_their_seed_and_every_model_has_one():
     from jaxcnn.train.recipes import RECIPES, build_config, default_recipe_for
     assert {"default", "seed000", "seed001", "seed002", "seed004"} <= set(RECIPES)
     for name, r in RECIPES.items():
-        assert name == "default" or f"seed {name[4:]}" in r.source
+        if name.startswith("seed"):
+            assert f"seed {name[4:]}" in r.source
+        else:  # the others name what they come from instead
+            assert name == "default" or "airbench" in r.source
         assert TrainConfig(**r.values).validate()
     for m in jaxcnn.list_models():
         assert default_recipe_for(m) in RECIPES
     c = build_config("seed001", learning_rate=0.5)
     assert (c.learning_rate, c.plateau_patience, c.early_stopping_patience, c.recipe) == (0.5, 3, 10, "seed001")
     assert build_config(model="densenet_bc_small").recipe == "seed000"
+    fast = build_config("fast")
+    assert (fast.model, fast.tta_flip, fast.optimizer, fast.val_fraction) == ("fastnet", True, "sgd", 0.0)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -210,6 +215,34 @@ def test_gradient_accumulation_runs_one_update_per_batch():
     state, m = step(state, batch)
     assert int(state.step) == 2 and np.isfinite(float(m["loss"])) and float(m["count"]) == 32
 
+
+
+def test_ema_warms_up_from_the_first_step():
+    # With a fixed decay the random initial weights would still weigh 0.99 after one step;
+    # the warm-up decay min(d, (1 + t) / (10 + t)) is 0.1 at t = 0.
+    state, step, batch, _ = _step_setup(ema_decay=0.99)
+    state = state.replace(ema_params=jax.tree.map(jnp.copy, state.params))  # no aliasing: the step donates
+    init = jax.device_get(state.params)
+    state, _ = step(state, batch)
+    expect = jax.tree.map(lambda e, p: 0.1 * e + 0.9 * p, init, jax.device_get(state.params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 expect, jax.device_get(state.ema_params))
+
+
+def test_flip_tta_sums_the_logits_of_both_views():
+    from jaxcnn.data import preprocess
+    from jaxcnn.train.step import make_eval_step
+    state, _, batch, _ = _step_setup()
+    kw = dict(num_classes=4, mean=(80.,) * 3, std=(60.,) * 3)
+    plain, tta = make_eval_step(**kw), make_eval_step(tta_flip=True, **kw)
+    x, _ = preprocess(jax.random.PRNGKey(0), batch["image"], batch["label"], augment=None, **kw)
+    v = {"params": state.params, "batch_stats": state.batch_stats}
+    both = state.apply_fn(v, x, train=False) + state.apply_fn(v, x[:, :, ::-1], train=False)
+    np.testing.assert_array_equal(np.asarray(tta(state, batch)["pred"]), np.argmax(both, -1))
+    # A mirrored batch gets the same TTA predictions; the plain step is not symmetric.
+    flipped = {**batch, "image": batch["image"][:, :, ::-1]}
+    np.testing.assert_array_equal(tta(state, batch)["pred"], tta(state, flipped)["pred"])
+    assert plain(state, batch)["pred"].shape == (32,)
 
 FOUR_DEVICES = r"""
 import sys; sys.path.insert(0, sys.argv[1])

@@ -111,6 +111,8 @@ class TrainConfig:
                                    "optimization", check=POSITIVE)
     ema_decay: float = _field(0.0, "keep an exponential moving average of the weights and evaluate "
                               "with it (0 = off)", "optimization", check=FRACTION)
+    tta_flip: bool = _field(False, "evaluate on each image and its mirror image, summing the logits "
+                            "(flip test-time augmentation)", "optimization")
     steps_per_epoch: Optional[int] = _field(None, "cap on optimizer steps per epoch (quick runs)",
                                             "optimization", check=POSITIVE)
     seed: int = _field(0, "seed of initialisation, data order, augmentation and dropout", "optimization")

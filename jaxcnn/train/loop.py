@@ -107,7 +107,7 @@ def build(config: TrainConfig, data, *, init: bool = True) -> Run:
         ema_decay=config.ema_decay, compute_dtype=dtype, mesh=mesh, counter=counter)
     eval_step = make_eval_step(num_classes=num_classes, mean=mean, std=std,
                                label_smoothing=config.label_smoothing, use_ema=config.ema_decay > 0,
-                               compute_dtype=dtype, mesh=mesh, counter=counter)
+                               tta_flip=config.tta_flip, compute_dtype=dtype, mesh=mesh, counter=counter)
     return Run(config, data, mesh, model, state, abstract, schedule, steps, mean, std, image_size,
                train_step, eval_step, counter)
 

@@ -105,7 +105,10 @@ def make_train_step(*, num_classes: int, mean: Sequence[float], std: Sequence[fl
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+            # Warm-up (as tf.train.ExponentialMovingAverage's num_updates): with a fixed decay the
+            # random initial weights would still weigh decay**N after N steps.
+            d = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+            ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=batch_stats, ema_params=ema,
                             loss_scale=state.loss_scale.update(finite))
@@ -130,7 +133,8 @@ def make_train_step(*, num_classes: int, mean: Sequence[float], std: Sequence[fl
 
 
 def make_eval_step(*, num_classes: int, mean: Sequence[float], std: Sequence[float],
-                   label_smoothing: float = 0.0, use_ema: bool = False, compute_dtype=jnp.float32,
+                   label_smoothing: float = 0.0, use_ema: bool = False, tta_flip: bool = False,
+                   compute_dtype=jnp.float32,
                    mesh=None, counter: Optional[TraceCounter] = None):
     """Returns `eval_step(state, batch) -> metrics`: summed loss and correct over the examples with
     mask=True (padding is ignored), their count, and the per-example predictions [B]."""
@@ -143,7 +147,10 @@ def make_eval_step(*, num_classes: int, mean: Sequence[float], std: Sequence[flo
                                   num_classes=num_classes, mean=mean, std=std, augment=None,
                                   dtype=compute_dtype)
         params = state.ema_params if use_ema else state.params
-        logits = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images, train=False)
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        logits = state.apply_fn(variables, images, train=False)
+        if tta_flip:  # mirror images are as likely as the originals; sum both views' logits
+            logits = logits + state.apply_fn(variables, images[:, :, ::-1], train=False)
         mask = batch["mask"].astype(jnp.float32)
         pred = jnp.argmax(logits, -1)
         loss = cross_entropy(logits, smooth_labels(soft, label_smoothing))
