@@ -217,3 +217,18 @@ def test_torch_style_padding_on_strided_convs():
     y = c.apply(v, x)
     # Top-left output sees rows/cols -1..1 -> only x[0:2, 0:2] = 0+1+4+5.
     assert float(y[0, 0, 0, 0]) == 10.0
+
+
+def test_library_sets_the_cpu_convolution_flag_once(monkeypatch):
+    from jaxcnn import _xla
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.delenv("JAXCNN_KEEP_XLA_FLAGS", raising=False)
+    assert _xla.configure_xla_cpu()
+    assert _xla.NO_YNN_CONV in __import__("os").environ["XLA_FLAGS"]
+    assert "device_count=2" in __import__("os").environ["XLA_FLAGS"]
+    assert not _xla.configure_xla_cpu()  # already there: not added twice
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+    assert not _xla.configure_xla_cpu()  # the user's own setting wins
+    monkeypatch.setenv("JAXCNN_KEEP_XLA_FLAGS", "1")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert not _xla.configure_xla_cpu()

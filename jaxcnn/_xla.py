@@ -1,0 +1,39 @@
+"""XLA:CPU settings the library makes before JAX creates its CPU backend.
+
+jaxlib 0.10 routes every f32 convolution on the CPU, the weight-gradient ones included, to
+YNNPACK by default (`xla_cpu_experimental_ynn_fusion_type` contains INDIVIDUAL_CONVOLUTION).
+YNNPACK's weight-gradient convolution is 3-4x slower than XLA's own (Eigen) one on this project's
+AVX-512 Xeon (a 3x3 64->64 conv at 32x32, batch 128: 401 ms vs 105 ms; PyTorch/oneDNN 83-122 ms),
+and it dominates a training step. Removing convolutions from the YNNPACK set (dots and reductions
+stay) makes a CPU training step about twice as fast; see benchmarks/RESULTS.md.
+
+Set JAXCNN_KEEP_XLA_FLAGS=1 to leave XLA_FLAGS untouched. A setting of the same flag already in
+XLA_FLAGS always wins. The flag only reaches XLA if jaxcnn is imported before JAX first runs a
+computation (the backend reads XLA_FLAGS once).
+"""
+from __future__ import annotations
+
+import os
+from importlib import metadata
+
+YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+NO_YNN_CONV = f"--{YNN_FLAG}=-individual_convolution"
+
+
+def _jaxlib_version() -> tuple:
+    try:
+        return tuple(int(p) for p in metadata.version("jaxlib").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return (0, 0)
+
+
+def configure_xla_cpu() -> bool:
+    """Append the convolution setting to XLA_FLAGS when it applies; returns whether it did."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if os.environ.get("JAXCNN_KEEP_XLA_FLAGS") or YNN_FLAG in flags:
+        return False
+    # Older jaxlibs do not know the flag, and XLA aborts on an unknown flag in XLA_FLAGS.
+    if _jaxlib_version() < (0, 10):
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {NO_YNN_CONV}".strip()
+    return True
