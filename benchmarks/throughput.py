@@ -1,0 +1,372 @@
+"""jaxcnn vs PyTorch, side by side: training and inference images/s, compile time, peak memory,
+the input pipeline, and data-parallel overhead. Writes a markdown table to benchmarks/RESULTS.md.
+
+    python benchmarks/throughput.py                       # every model, 2 batch sizes, fp32+bf16
+    python benchmarks/throughput.py --models resnet18_cifar --batch-sizes 128 --precisions fp32
+    python benchmarks/throughput.py --quick               # smoke run (tiny, seconds per model)
+
+Method. Each (model, batch, precision) runs in a fresh subprocess. It builds jaxcnn's own jitted
+train step (jaxcnn.train.step: preprocessing of uint8 input, forward, backward, AdamW, BatchNorm
+update, state donated) and eval step, and the same architecture in PyTorch (jaxcnn.torch_ref: the
+parity tests' reference modules; eager, channels-last, AdamW, bf16 by CPU/CUDA autocast). After a
+warm-up of each, timed rounds alternate JAX, PyTorch, JAX, PyTorch, ... and each figure is the
+median over rounds, so the printed ratio holds even when the machine is noisy. Peak memory is
+measured in two more subprocesses, one per framework running only its training step (host peak
+RSS on a CPU; peak device memory on a GPU). Speed targets live here, never in the unit tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_MODELS = ["simple_cnn", "resnet18_cifar", "densenet_bc_100_12", "resdensenet_cifar", "resdensenet"]
+
+
+def default_batches(image_size: int) -> List[int]:
+    return [32, 128] if image_size <= 64 else [8, 32]
+
+
+# ----------------------------------------------------------------------------- workers
+def _jax_steps(name: str, batch: int, precision: str, num_classes: int = 10):
+    import jax
+    import jax.numpy as jnp
+    import jaxcnn
+    from jaxcnn.train import TrainConfig
+    from jaxcnn.train.optim import make_optimizer
+    from jaxcnn.train.precision import compute_dtype
+    from jaxcnn.train.state import create_train_state
+    from jaxcnn.train.step import make_eval_step, make_train_step
+
+    size = jaxcnn.model_info(name).image_size
+    dtype = compute_dtype(precision)
+    model = jaxcnn.create_model(name, num_classes=num_classes, dtype=dtype)
+    tx, _ = make_optimizer(TrainConfig(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4), 100)
+    state = jax.jit(lambda: create_train_state(model, tx, image_size=size, seed=0, precision=precision,
+                                               dtype=dtype))()
+    rng = np.random.default_rng(0)
+    batch_np = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+                "label": rng.integers(0, num_classes, (batch,), dtype=np.int32),
+                "mask": np.ones((batch,), bool)}
+    data = jax.device_put(batch_np)
+    stats = dict(num_classes=num_classes, mean=(120.0,) * 3, std=(64.0,) * 3)
+    train = make_train_step(augment=None, compute_dtype=dtype, **stats)
+    evaluate = make_eval_step(compute_dtype=dtype, **stats)
+    t0 = time.perf_counter()
+    compiled = train.lower(state, data).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    xla_bytes = None
+    if mem is not None:
+        xla_bytes = sum(getattr(mem, k, 0) or 0 for k in
+                        ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes"))
+    box = {"state": state}
+
+    def train_n(n):
+        s = box["state"]
+        for _ in range(n):
+            s, m = compiled(s, data)
+        jax.block_until_ready(m["loss"])
+        box["state"] = s
+
+    def infer_n(n):
+        for _ in range(n):
+            out = evaluate(box["state"], data)
+        jax.block_until_ready(out["pred"])
+
+    return train_n, infer_n, compile_s, xla_bytes
+
+
+def _torch_steps(name: str, batch: int, precision: str, num_classes: int = 10):
+    import contextlib
+    import torch
+    import torch.nn.functional as F
+    import jaxcnn
+    from jaxcnn.torch_ref import torch_model
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        torch.set_num_threads(os.cpu_count() or 1)
+    size = jaxcnn.model_info(name).image_size
+    model = torch_model(name, num_classes).to(dev).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=1e-4)
+    x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (batch,), device=dev)
+    amp = (torch.autocast(device_type=dev.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+           if precision != "fp32" else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def train_n(n):
+        model.train()
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            with amp:
+                loss = F.cross_entropy(model(x), y)
+            if scaler is not None:
+                scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
+            else:
+                loss.backward(); opt.step()
+        sync()
+
+    def infer_n(n):
+        model.eval()
+        with torch.no_grad(), amp:
+            for _ in range(n):
+                model(x)
+        sync()
+        model.train()
+
+    return train_n, infer_n
+
+
+def _median_rate(fn, n, batch, rounds):
+    ts = []
+    for _ in range(rounds):
+        t = time.perf_counter(); fn(n); ts.append(time.perf_counter() - t)
+    return batch * n / float(np.median(ts))
+
+
+def worker_speed(a) -> Dict:
+    jtrain, jinfer, compile_s, xla_bytes = _jax_steps(a.model, a.batch, a.precision)
+    out = dict(compile_s=compile_s, xla_step_bytes=xla_bytes)
+    fns = {"jax_train": jtrain, "jax_infer": jinfer}
+    if not a.skip_torch:
+        ttrain, tinfer = _torch_steps(a.model, a.batch, a.precision)
+        fns.update(torch_train=ttrain, torch_infer=tinfer)
+    for f in fns.values():  # warm-up: compilation, allocator and thread-pool start-up
+        f(1)
+    times = {k: [] for k in fns}
+    for _ in range(a.rounds):  # interleaved: j-train, t-train, j-infer, t-infer, repeat
+        for k, f in fns.items():
+            n = a.steps if "train" in k else 2 * a.steps
+            t = time.perf_counter(); f(n); times[k].append(a.batch * n / (time.perf_counter() - t))
+    out.update({k: float(np.median(v)) for k, v in times.items()})
+    return out
+
+
+def worker_memory(a) -> Dict:
+    if a.framework == "jax":
+        import jax
+        train, _, _, _ = _jax_steps(a.model, a.batch, a.precision)
+        train(3)
+        dev = jax.devices()[0]
+        stats = dev.memory_stats() if dev.platform != "cpu" else None
+        if stats:
+            return dict(peak_mb=stats.get("peak_bytes_in_use", 0) / 2**20, kind="device")
+    else:
+        import torch
+        train, _ = _torch_steps(a.model, a.batch, a.precision)
+        train(3)
+        if torch.cuda.is_available():
+            return dict(peak_mb=torch.cuda.max_memory_allocated() / 2**20, kind="device")
+    return dict(peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, kind="host RSS")
+
+
+def worker_devices(a) -> Dict:
+    """Same global batch on N simulated CPU devices (XLA_FLAGS set by the parent)."""
+    import jax
+    import jaxcnn
+    from jaxcnn.train import TrainConfig
+    from jaxcnn.train.optim import make_optimizer
+    from jaxcnn.train.state import create_train_state, data_sharded, make_mesh, replicated
+    from jaxcnn.train.step import make_train_step
+
+    size = jaxcnn.model_info(a.model).image_size
+    model = jaxcnn.create_model(a.model, num_classes=10)
+    mesh = make_mesh(a.devices)
+    tx, _ = make_optimizer(TrainConfig(optimizer="adamw"), 100)
+    state = jax.jit(lambda: create_train_state(model, tx, image_size=size, seed=0),
+                    out_shardings=replicated(mesh))()
+    rng = np.random.default_rng(0)
+    batch = jax.device_put({"image": rng.integers(0, 256, (a.batch, size, size, 3), dtype=np.uint8),
+                            "label": rng.integers(0, 10, (a.batch,), dtype=np.int32),
+                            "mask": np.ones((a.batch,), bool)}, data_sharded(mesh))
+    step = make_train_step(num_classes=10, mean=(120.0,) * 3, std=(64.0,) * 3, augment=None, mesh=mesh)
+    box = {"s": state}
+
+    def run(n):
+        s = box["s"]
+        for _ in range(n):
+            s, m = step(s, batch)
+        jax.block_until_ready(m["loss"]); box["s"] = s
+
+    run(1)
+    return dict(devices=a.devices, train_img_s=_median_rate(run, a.steps, a.batch, a.rounds))
+
+
+def worker_pipeline(a) -> Dict:
+    """Images/s of the data path alone: CIFAR-10 in memory (augmented in jit) and JPEG decoding."""
+    import glob
+    from jaxcnn.data import AugmentConfig, load_data, pipeline_throughput
+    from jaxcnn.data.decode import decode_files
+
+    out = {}
+    if a.data_dir:
+        splits = load_data(data_dir=a.data_dir)
+        for label, aug in [("pad-crop+flip", AugmentConfig()),
+                           ("+rotation/shift/zoom+colour", AugmentConfig(rotation=15, shift=0.1, zoom=0.1,
+                                                                          brightness=0.2, contrast=0.2,
+                                                                          saturation=0.1))]:
+            out[f"cifar10 in memory, {label}, batch 128"] = pipeline_throughput(
+                splits.train, 128, aug, steps=a.steps * 10)
+        files = sorted(glob.glob(os.path.join(a.data_dir, "train", "*", "*.jpg")))[:: 50][:512]
+        t = time.perf_counter(); decode_files(files, 224)
+        out["JPEG folder, decode + resize to 224 (first epoch; later epochs use the uint8 cache)"] = \
+            len(files) / (time.perf_counter() - t)
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+def _run_worker(args: List[str], env=None) -> Dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+    if p.returncode != 0 or not lines:
+        return {"error": (p.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(lines[-1][7:])
+
+
+def machine() -> Dict:
+    from jaxcnn.train.report import environment
+    env = environment()
+    try:
+        import torch
+        env["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        env["torch"] = None
+    return env
+
+
+def fmt(v, nd=0):
+    return "—" if v is None else f"{v:,.{nd}f}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    ap.add_argument("--batch-sizes", nargs="+", type=int, help="default: 32 128 (32 px), 8 32 (224 px)")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (median reported)")
+    ap.add_argument("--steps", type=int, default=2, help="train steps per timed round (inference: 2x)")
+    ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--devices", nargs="*", type=int, default=[1, 2, 4],
+                    help="simulated CPU device counts for the data-parallel overhead (empty: skip)")
+    ap.add_argument("--devices-model", default="resnet18_cifar")
+    ap.add_argument("--data-dir", help="CIFAR-10 image folder for the input-pipeline figures")
+    ap.add_argument("--quick", action="store_true", help="1 round, 1 step, first model only")
+    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    # worker-only arguments
+    ap.add_argument("--worker", choices=["speed", "memory", "devices", "pipeline"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--precision", help=argparse.SUPPRESS)
+    ap.add_argument("--framework", help=argparse.SUPPRESS)
+    ap.add_argument("--num-devices", dest="ndev", type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+
+    if a.worker:
+        if a.worker == "devices":
+            a.devices = a.ndev
+        res = {"speed": worker_speed, "memory": worker_memory, "devices": worker_devices,
+               "pipeline": worker_pipeline}[a.worker](a)
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+
+    import jaxcnn
+    unknown = [m for m in a.models if m not in jaxcnn.list_models()]
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}; choose from {', '.join(jaxcnn.list_models())}")
+    if a.quick:
+        a.rounds, a.steps, a.models = 1, 1, a.models[:1]
+    command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    common = ["--rounds", str(a.rounds), "--steps", str(a.steps)] + (["--skip-torch"] if a.skip_torch else [])
+    rows, mem_rows = [], []
+    for name in a.models:
+        size = jaxcnn.model_info(name).image_size
+        batches = a.batch_sizes or default_batches(size)
+        for precision in a.precisions:
+            for b in batches:
+                print(f"[{time.strftime('%H:%M:%S')}] {name} {size}px batch {b} {precision} ...", flush=True)
+                r = _run_worker(["speed", "--model", name, "--batch", str(b), "--precision", precision] + common)
+                rows.append(dict(model=name, size=size, batch=b, precision=precision, **r))
+                print("   ", r, flush=True)
+        if not a.no_memory:
+            b = max(batches)
+            mem = {fw: _run_worker(["memory", "--framework", fw, "--model", name, "--batch", str(b),
+                                    "--precision", "fp32"])
+                   for fw in (["jax"] if a.skip_torch else ["jax", "torch"])}
+            mem_rows.append(dict(model=name, batch=b, **{fw: m.get("peak_mb") for fw, m in mem.items()},
+                                 kind=next(iter(mem.values())).get("kind", "")))
+            print("    memory", mem, flush=True)
+    dev_rows = []
+    for n in a.devices or []:
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                                          f" --xla_force_host_platform_device_count={n}").strip())
+        r = _run_worker(["devices", "--num-devices", str(n), "--model", a.devices_model, "--batch", "128"]
+                        + common, env=env)
+        dev_rows.append(dict(n=n, **r))
+        print(f"    {n} devices:", r, flush=True)
+    pipe = _run_worker(["pipeline", "--data-dir", a.data_dir] + common) if a.data_dir else {}
+    write_report(a.out, command, machine(), rows, mem_rows, dev_rows, pipe)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def write_report(path, command, env, rows, mem_rows, dev_rows, pipe):
+    L = ["# jaxcnn vs PyTorch: measured throughput", "",
+         f"Command: `{command}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
+         f"Machine: {env.get('cpu')}, {env.get('cpu_cores')} cores"
+         + (f", GPU {env['gpu']}" if env.get("gpu") else ", no GPU") + f"; JAX platform {env.get('platform')}  ",
+         f"Versions: jax {env.get('jax')}, jaxlib {env.get('jaxlib')}, flax {env.get('flax')}, "
+         f"optax {env.get('optax')}, torch {env.get('torch')}, Python {env.get('python')}  ",
+         f"XLA_FLAGS (set by jaxcnn, see jaxcnn/_xla.py): `{os.environ.get('XLA_FLAGS', '')}`", "",
+         "Training: full step (uint8 input normalised in the step, forward, backward, AdamW, BatchNorm "
+         "update). PyTorch: eager, channels-last, same batch, AdamW, precision via autocast. Images/s are "
+         "medians of interleaved rounds; ratio = jaxcnn / PyTorch.", "",
+         "| model | px | batch | precision | compile s | train jaxcnn | train PyTorch | ratio | infer jaxcnn | infer PyTorch | ratio |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['precision']} | error: {r['error']} |||||||")
+            continue
+        jt, tt, ji, ti = (r.get(k) for k in ("jax_train", "torch_train", "jax_infer", "torch_infer"))
+        L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['precision']} | {fmt(r['compile_s'], 1)} | "
+                 f"{fmt(jt, 1)} | {fmt(tt, 1)} | {fmt(jt / tt if tt else None, 2)} | {fmt(ji, 1)} | "
+                 f"{fmt(ti, 1)} | {fmt(ji / ti if ti else None, 2)} |")
+    if mem_rows:
+        L += ["", "Peak memory of a training step (fp32; one framework per process; host RSS includes each "
+              "framework's own runtime):", "", "| model | batch | jaxcnn MB | PyTorch MB | kind |", "|---|---|---|---|---|"]
+        L += [f"| {m['model']} | {m['batch']} | {fmt(m.get('jax'))} | {fmt(m.get('torch'))} | {m['kind']} |"
+              for m in mem_rows]
+    if dev_rows:
+        base = next((d.get("train_img_s") for d in dev_rows if d.get("n") == 1), None)
+        L += ["", "Data parallel, same global batch 128 on N simulated CPU devices (they share the same cores):",
+              "", "| devices | train img/s | overhead vs 1 |", "|---|---|---|"]
+        for d in dev_rows:
+            v = d.get("train_img_s")
+            ov = f"{100 * (base / v - 1):.0f}%" if (v and base) else "—"
+            L.append(f"| {d['n']} | {fmt(v, 1)} | {ov} |")
+    if pipe and "error" not in pipe:
+        L += ["", "Input pipeline alone (images/s):", "", "| path | images/s |", "|---|---|"]
+        L += [f"| {k} | {fmt(v)} |" for k, v in pipe.items()]
+    elif pipe:
+        L += ["", f"Input pipeline: error {pipe['error']}"]
+    with open(path, "w") as f:
+        f.write("\n".join(L) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
