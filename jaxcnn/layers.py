@@ -139,9 +139,13 @@ def transition_features(channels: int, compression: float) -> int:
     return int(channels * compression)
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block, 3x3-3x3. v1: conv-BN-ReLU, add, ReLU. `preact`: BN-ReLU-conv (v2).
-    A 1x1 projection (`downsample`) is used when the stride or width changes."""
+class _ResidualBlock(nn.Module):
+    """A ResNet block: a chain of convs (`specs`) plus a shortcut, then SE and the add.
+
+    v1 (post-activation): conv-BN-ReLU ... conv-BN, add, ReLU; a shape change projects x through a
+    1x1 conv + BN. `preact` (v2): BN-ReLU-conv ...; add; a shape change projects the first
+    pre-activation through a 1x1 conv. Names (conv{i}, bn{i}, downsample_*) match torchvision's.
+    """
     features: int
     stride: int = 1
     preact: bool = False
@@ -151,22 +155,28 @@ class BasicBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
     expansion = 1
 
+    def specs(self, out_ch: int):
+        """(kernel, stride, channels) of each conv of the residual branch."""
+        raise NotImplementedError
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         out_ch = self.features * self.expansion
         project = self.stride != 1 or x.shape[-1] != out_ch
+        specs = self.specs(out_ch)
         if self.preact:
-            pre = nn.relu(norm(train, name="bn1", **kw)(x))
-            shortcut = conv(out_ch, 1, self.stride, name="downsample_conv", **kw)(pre) if project else x
-            y = conv(self.features, 3, self.stride, name="conv1", **kw)(pre)
-            y = nn.relu(norm(train, name="bn2", **kw)(y))
-            y = conv(out_ch, 3, name="conv2", **kw)(y)
+            y = nn.relu(norm(train, name="bn1", **kw)(x))
+            shortcut = conv(out_ch, 1, self.stride, name="downsample_conv", **kw)(y) if project else x
+            for i, (k, s, c) in enumerate(specs):
+                if i:
+                    y = nn.relu(norm(train, name=f"bn{i + 1}", **kw)(y))
+                y = conv(c, k, s, name=f"conv{i + 1}", **kw)(y)
         else:
-            y = conv(self.features, 3, self.stride, name="conv1", **kw)(x)
-            y = nn.relu(norm(train, name="bn1", **kw)(y))
-            y = conv(out_ch, 3, name="conv2", **kw)(y)
-            y = norm(train, name="bn2", **kw)(y)
+            y = x
+            for i, (k, s, c) in enumerate(specs):
+                y = norm(train, name=f"bn{i + 1}", **kw)(conv(c, k, s, name=f"conv{i + 1}", **kw)(y))
+                y = nn.relu(y) if i < len(specs) - 1 else y
             shortcut = x
             if project:
                 shortcut = conv(out_ch, 1, self.stride, name="downsample_conv", **kw)(x)
@@ -177,43 +187,20 @@ class BasicBlock(nn.Module):
         return y if self.preact else nn.relu(y)
 
 
-class Bottleneck(nn.Module):
-    """ResNet bottleneck 1x1-3x3-1x1 (x4 expansion), stride on the 3x3 as torchvision (v1.5).
-    `preact` gives the v2 (identity-mapping) ordering."""
-    features: int
-    stride: int = 1
-    preact: bool = False
-    se: bool = False
-    se_reduction: int = 16
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+class BasicBlock(_ResidualBlock):
+    """ResNet basic block, 3x3-3x3 (v1, or v2 with `preact`)."""
+    expansion = 1
+
+    def specs(self, out_ch):
+        return [(3, self.stride, self.features), (3, 1, out_ch)]
+
+
+class Bottleneck(_ResidualBlock):
+    """ResNet bottleneck 1x1-3x3-1x1 (x4 expansion), stride on the 3x3 as torchvision (v1.5)."""
     expansion = 4
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        out_ch = self.features * self.expansion
-        project = self.stride != 1 or x.shape[-1] != out_ch
-        if self.preact:
-            pre = nn.relu(norm(train, name="bn1", **kw)(x))
-            shortcut = conv(out_ch, 1, self.stride, name="downsample_conv", **kw)(pre) if project else x
-            y = conv(self.features, 1, name="conv1", **kw)(pre)
-            y = nn.relu(norm(train, name="bn2", **kw)(y))
-            y = conv(self.features, 3, self.stride, name="conv2", **kw)(y)
-            y = nn.relu(norm(train, name="bn3", **kw)(y))
-            y = conv(out_ch, 1, name="conv3", **kw)(y)
-        else:
-            y = nn.relu(norm(train, name="bn1", **kw)(conv(self.features, 1, name="conv1", **kw)(x)))
-            y = nn.relu(norm(train, name="bn2", **kw)(conv(self.features, 3, self.stride, name="conv2", **kw)(y)))
-            y = norm(train, name="bn3", **kw)(conv(out_ch, 1, name="conv3", **kw)(y))
-            shortcut = x
-            if project:
-                shortcut = conv(out_ch, 1, self.stride, name="downsample_conv", **kw)(x)
-                shortcut = norm(train, name="downsample_bn", **kw)(shortcut)
-        if self.se:
-            y = SqueezeExcite(self.se_reduction, name="se", **kw)(y)
-        y = y + shortcut
-        return y if self.preact else nn.relu(y)
+    def specs(self, out_ch):
+        return [(1, 1, self.features), (3, self.stride, self.features), (1, 1, out_ch)]
 
 
 class DenseResidualBlock(nn.Module):
