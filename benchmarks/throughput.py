@@ -249,6 +249,14 @@ def machine() -> Dict:
     return env
 
 
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def fmt(v, nd=0):
     return "—" if v is None else f"{v:,.{nd}f}"
 
@@ -292,6 +300,7 @@ def main(argv=None):
     if a.quick:
         a.rounds, a.steps, a.models = 1, 1, a.models[:1]
     command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    load_start = _loadavg()
     common = ["--rounds", str(a.rounds), "--steps", str(a.steps)] + (["--skip-torch"] if a.skip_torch else [])
     rows, mem_rows = [], []
     for name in a.models:
@@ -320,7 +329,8 @@ def main(argv=None):
         dev_rows.append(dict(n=n, **r))
         print(f"    {n} devices:", r, flush=True)
     pipe = _run_worker(["pipeline", "--data-dir", a.data_dir] + common) if a.data_dir else {}
-    write_report(a.out, command, machine(), rows, mem_rows, dev_rows, pipe)
+    env = dict(machine(), load=f"{load_start} at start, {_loadavg()} at end")
+    write_report(a.out, command, env, rows, mem_rows, dev_rows, pipe)
     print(f"wrote {a.out}")
     return 0
 
@@ -332,7 +342,10 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe):
          + (f", GPU {env['gpu']}" if env.get("gpu") else ", no GPU") + f"; JAX platform {env.get('platform')}  ",
          f"Versions: jax {env.get('jax')}, jaxlib {env.get('jaxlib')}, flax {env.get('flax')}, "
          f"optax {env.get('optax')}, torch {env.get('torch')}, Python {env.get('python')}  ",
-         f"XLA_FLAGS (set by jaxcnn, see jaxcnn/_xla.py): `{os.environ.get('XLA_FLAGS', '')}`", "",
+         f"XLA_FLAGS (set by jaxcnn, see jaxcnn/_xla.py): `{os.environ.get('XLA_FLAGS', '')}`  ",
+         f"Load average (1/5/15 min): {env.get('load')}. PyTorch's OpenMP threads slow down far more "
+         "than XLA's when other processes share the cores, so only figures taken at a load below ~0.5 "
+         "per core compare the frameworks fairly.", "",
          "Training: full step (uint8 input normalised in the step, forward, backward, AdamW, BatchNorm "
          "update). PyTorch: eager, channels-last, same batch, AdamW, precision via autocast. Images/s are "
          "medians of interleaved rounds; ratio = jaxcnn / PyTorch.", "",
