@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import jax
 import jax.numpy as jnp
 import flax.linen as nn
+
+from jaxcnn import ops
 
 Dtype = Any
 Act = Callable[[jnp.ndarray], jnp.ndarray]
@@ -27,14 +30,47 @@ def conv(features: int, kernel: int = 3, stride: int = 1, *, groups: int = 1, us
     p = kernel // 2 if padding is None else padding
     return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((p, p), (p, p)),
                    feature_group_count=groups, use_bias=use_bias, dtype=dtype,
-                   param_dtype=param_dtype, kernel_init=conv_init, name=name)
+                   param_dtype=param_dtype, kernel_init=conv_init, name=name,
+                   conv_general_dilated=ops.conv_general_dilated)
 
 
 def norm(train: bool, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-         name: Optional[str] = None, scale_init=nn.initializers.ones) -> nn.BatchNorm:
+         name: Optional[str] = None, scale_init=nn.initializers.ones) -> nn.Module:
     """BatchNorm with PyTorch's defaults; batch statistics over the (global) batch when training."""
+    if ops.CUSTOM_BN:
+        return BatchNorm(use_running_average=not train, dtype=dtype, param_dtype=param_dtype,
+                         scale_init=scale_init, name=name)
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
                         param_dtype=param_dtype, scale_init=scale_init, name=name)
+
+
+class BatchNorm(nn.Module):
+    """flax.linen.BatchNorm's variables and results (params scale/bias, batch_stats mean/var,
+    biased variance, float32 statistics), with the closed-form gradient of `ops.batch_norm_train`
+    (faster on XLA:CPU and one activation-sized buffer less per layer)."""
+    use_running_average: bool = False
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scale_init: Callable = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (c,), self.param_dtype).astype(jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        dtype = self.dtype or x.dtype
+        if self.use_running_average:
+            return ops._bn_apply(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, dtype)
+        y, (mean, var) = ops.batch_norm_train(x, scale, bias, self.epsilon, jnp.dtype(dtype))
+        if not self.is_initializing():
+            m = self.momentum
+            ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
+            ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
+        return y
 
 
 class ConvBNAct(nn.Module):

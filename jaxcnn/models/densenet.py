@@ -11,6 +11,8 @@ from typing import Any, Optional, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
+from jaxcnn import ops
+
 from jaxcnn.layers import DenseBlock, Transition, conv, norm, transition_features
 from jaxcnn.models.registry import register_model
 
@@ -37,7 +39,7 @@ class DenseNet(nn.Module):
         if self.stem == "imagenet":
             x = conv(ch, 7, 2, name="conv0", **kw)(x)
             x = nn.relu(norm(train, name="norm0", **kw)(x))
-            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+            x = ops.max_pool(x, 3, 2, 1)
         elif self.stem == "cifar":
             x = conv(ch, 3, name="conv0", **kw)(x)
         else:

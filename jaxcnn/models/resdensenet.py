@@ -9,6 +9,8 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
+from jaxcnn import ops
+
 from jaxcnn.layers import DenseResidualBlock, Transition, conv, norm
 from jaxcnn.models.registry import register_model
 
@@ -34,7 +36,7 @@ class ResDenseNet(nn.Module):
         if self.stem == "imagenet":
             x = conv(ch, 7, 2, name="stem_conv", **kw)(x)
             x = nn.relu(norm(train, name="stem_bn", **kw)(x))
-            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+            x = ops.max_pool(x, 3, 2, 1)
         elif self.stem == "cifar":
             x = conv(ch, 3, name="stem_conv", **kw)(x)
             x = nn.relu(norm(train, name="stem_bn", **kw)(x))

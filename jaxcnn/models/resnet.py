@@ -11,6 +11,8 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
+from jaxcnn import ops
+
 from jaxcnn.layers import BasicBlock, Bottleneck, conv, norm
 from jaxcnn.models.registry import register_model
 
@@ -42,7 +44,7 @@ class ResNet(nn.Module):
         if not self.preact:
             x = nn.relu(norm(train, name="bn1", **kw)(x))
         if self.stem == "imagenet":
-            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+            x = ops.max_pool(x, 3, 2, 1)
         self.sow("intermediates", "stem", x)
         for i, n in enumerate(self.stage_sizes):
             for j in range(n):

@@ -6,6 +6,8 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
+from jaxcnn import ops
+
 from jaxcnn.layers import ConvBNAct
 from jaxcnn.models.registry import register_model
 
@@ -26,7 +28,7 @@ class SimpleCNN(nn.Module):
             x = ConvBNAct(w, 3, use_bias=True, name=f"block{i + 1}", **kw)(x, train)
             self.sow("intermediates", f"stage{i + 1}", x)
             if i < len(self.widths) - 1:
-                x = nn.max_pool(x, (2, 2), (2, 2))
+                x = ops.max_pool(x, 2, 2)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.relu(nn.Dense(self.hidden, name="fc1", **kw)(x))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)

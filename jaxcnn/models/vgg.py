@@ -7,6 +7,8 @@ from typing import Any, Sequence, Union
 import jax.numpy as jnp
 import flax.linen as nn
 
+from jaxcnn import ops
+
 from jaxcnn.layers import ConvBNAct
 from jaxcnn.models.registry import register_model
 
@@ -26,7 +28,7 @@ class VGG(nn.Module):
         i = 0
         for v in self.cfg:
             if v == "M":
-                x = nn.max_pool(x, (2, 2), (2, 2))
+                x = ops.max_pool(x, 2, 2)
             else:
                 i += 1
                 x = ConvBNAct(v, 3, use_bias=True, name=f"conv{i}", **kw)(x, train)
