@@ -8,7 +8,8 @@ the input pipeline, and data-parallel overhead. Writes a markdown table to bench
 Method. Each (model, batch, precision) runs in a fresh subprocess. It builds jaxcnn's own jitted
 train step (jaxcnn.train.step: preprocessing of uint8 input, forward, backward, AdamW, BatchNorm
 update, state donated) and eval step, and the same architecture in PyTorch (jaxcnn.torch_ref: the
-parity tests' reference modules; eager, channels-last, AdamW, bf16 by CPU/CUDA autocast). After a
+parity tests' reference modules; eager and torch.compile'd, channels-last, AdamW, bf16 by CPU/CUDA
+autocast). In fp32 it also times jaxcnn with jaxcnn.ops switched off ("plain ops"). After a
 warm-up of each, timed rounds alternate JAX, PyTorch, JAX, PyTorch, ... and each figure is the
 median over rounds, so the printed ratio holds even when the machine is noisy. Peak memory is
 measured in two more subprocesses, one per framework running only its training step (host peak
@@ -36,7 +37,10 @@ def default_batches(image_size: int) -> List[int]:
 
 
 # ----------------------------------------------------------------------------- workers
-def _jax_steps(name: str, batch: int, precision: str, num_classes: int = 10):
+def _jax_steps(name: str, batch: int, precision: str, num_classes: int = 10, plain_ops: bool = False,
+               remat: bool = False):
+    """jaxcnn's train/eval steps. `plain_ops`: trace with jaxcnn.ops switched off (plain Flax/XLA
+    layers), to show what the library's CPU kernels change. `remat`: recompute dense blocks."""
     import jax
     import jax.numpy as jnp
     import jaxcnn
@@ -46,9 +50,11 @@ def _jax_steps(name: str, batch: int, precision: str, num_classes: int = 10):
     from jaxcnn.train.state import create_train_state
     from jaxcnn.train.step import make_eval_step, make_train_step
 
+    from jaxcnn import ops
+
     size = jaxcnn.model_info(name).image_size
     dtype = compute_dtype(precision)
-    model = jaxcnn.create_model(name, num_classes=num_classes, dtype=dtype)
+    model = jaxcnn.create_model(name, num_classes=num_classes, dtype=dtype, **(dict(remat=True) if remat else {}))
     tx, _ = make_optimizer(TrainConfig(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4), 100)
     state = jax.jit(lambda: create_train_state(model, tx, image_size=size, seed=0, precision=precision,
                                                dtype=dtype))()
@@ -61,7 +67,9 @@ def _jax_steps(name: str, batch: int, precision: str, num_classes: int = 10):
     train = make_train_step(augment=None, compute_dtype=dtype, **stats)
     evaluate = make_eval_step(compute_dtype=dtype, **stats)
     t0 = time.perf_counter()
-    compiled = train.lower(state, data).compile()
+    with ops.enabled(not plain_ops):
+        compiled = train.lower(state, data).compile()
+        eval_compiled = evaluate.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     xla_bytes = None
@@ -79,13 +87,13 @@ def _jax_steps(name: str, batch: int, precision: str, num_classes: int = 10):
 
     def infer_n(n):
         for _ in range(n):
-            out = evaluate(box["state"], data)
+            out = eval_compiled(box["state"], data)
         jax.block_until_ready(out["pred"])
 
     return train_n, infer_n, compile_s, xla_bytes
 
 
-def _torch_steps(name: str, batch: int, precision: str, num_classes: int = 10):
+def _torch_steps(name: str, batch: int, precision: str, num_classes: int = 10, compiled: bool = False):
     import contextlib
     import torch
     import torch.nn.functional as F
@@ -99,6 +107,8 @@ def _torch_steps(name: str, batch: int, precision: str, num_classes: int = 10):
     size = jaxcnn.model_info(name).image_size
     model = torch_model(name, num_classes).to(dev).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=1e-4)
+    if compiled:
+        model = torch.compile(model)
     x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (batch,), device=dev)
     amp = (torch.autocast(device_type=dev.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
@@ -140,9 +150,20 @@ def worker_speed(a) -> Dict:
     jtrain, jinfer, compile_s, xla_bytes = _jax_steps(a.model, a.batch, a.precision)
     out = dict(compile_s=compile_s, xla_step_bytes=xla_bytes)
     fns = {"jax_train": jtrain, "jax_infer": jinfer}
+    if a.plain_ops:
+        fns["jax_plain_train"] = _jax_steps(a.model, a.batch, a.precision, plain_ops=True)[0]
     if not a.skip_torch:
         ttrain, tinfer = _torch_steps(a.model, a.batch, a.precision)
         fns.update(torch_train=ttrain, torch_infer=tinfer)
+        if a.torch_compile:
+            ctrain, cinfer = _torch_steps(a.model, a.batch, a.precision, compiled=True)
+            t0 = time.perf_counter()
+            try:
+                ctrain(1); cinfer(1)
+                fns.update(torchc_train=ctrain, torchc_infer=cinfer)
+                out["torch_compile_s"] = time.perf_counter() - t0
+            except Exception as e:  # inductor needs a C++ compiler; report, don't die
+                out["torch_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
     for f in fns.values():  # warm-up: compilation, allocator and thread-pool start-up
         f(1)
     times = {k: [] for k in fns}
@@ -157,12 +178,16 @@ def worker_speed(a) -> Dict:
 def worker_memory(a) -> Dict:
     if a.framework == "jax":
         import jax
-        train, _, _, _ = _jax_steps(a.model, a.batch, a.precision)
-        train(3)
+        train, _, _, _ = _jax_steps(a.model, a.batch, a.precision, remat=a.remat)
+        train(1)
+        t = time.perf_counter(); train(2)
+        rate = 2 * a.batch / (time.perf_counter() - t)
         dev = jax.devices()[0]
         stats = dev.memory_stats() if dev.platform != "cpu" else None
         if stats:
-            return dict(peak_mb=stats.get("peak_bytes_in_use", 0) / 2**20, kind="device")
+            return dict(peak_mb=stats.get("peak_bytes_in_use", 0) / 2**20, kind="device", train_img_s=rate)
+        return dict(peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, kind="host RSS",
+                    train_img_s=rate)
     else:
         import torch
         train, _ = _torch_steps(a.model, a.batch, a.precision)
@@ -269,6 +294,10 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (median reported)")
     ap.add_argument("--steps", type=int, default=2, help="train steps per timed round (inference: 2x)")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false",
+                    help="skip the torch.compile columns (fp32 only; inductor needs a C++ compiler)")
+    ap.add_argument("--no-plain-ops", dest="plain_ops", action="store_false",
+                    help="skip the fp32 column that traces jaxcnn with jaxcnn.ops switched off")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--devices", nargs="*", type=int, default=[1, 2, 4],
                     help="simulated CPU device counts for the data-parallel overhead (empty: skip)")
@@ -283,6 +312,7 @@ def main(argv=None):
     ap.add_argument("--precision", help=argparse.SUPPRESS)
     ap.add_argument("--framework", help=argparse.SUPPRESS)
     ap.add_argument("--num-devices", dest="ndev", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--remat", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
     if a.worker:
@@ -301,7 +331,8 @@ def main(argv=None):
         a.rounds, a.steps, a.models = 1, 1, a.models[:1]
     command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     load_start = _loadavg()
-    common = ["--rounds", str(a.rounds), "--steps", str(a.steps)] + (["--skip-torch"] if a.skip_torch else [])
+    common = (["--rounds", str(a.rounds), "--steps", str(a.steps)] + (["--skip-torch"] if a.skip_torch else [])
+              + ([] if a.torch_compile else ["--no-torch-compile"]) + ([] if a.plain_ops else ["--no-plain-ops"]))
     rows, mem_rows = [], []
     for name in a.models:
         size = jaxcnn.model_info(name).image_size
@@ -309,7 +340,9 @@ def main(argv=None):
         for precision in a.precisions:
             for b in batches:
                 print(f"[{time.strftime('%H:%M:%S')}] {name} {size}px batch {b} {precision} ...", flush=True)
-                r = _run_worker(["speed", "--model", name, "--batch", str(b), "--precision", precision] + common)
+                extra = [] if precision == "fp32" else ["--no-torch-compile", "--no-plain-ops"]
+                r = _run_worker(["speed", "--model", name, "--batch", str(b), "--precision", precision]
+                                + common + extra)
                 rows.append(dict(model=name, size=size, batch=b, precision=precision, **r))
                 print("   ", r, flush=True)
         if not a.no_memory:
@@ -317,7 +350,15 @@ def main(argv=None):
             mem = {fw: _run_worker(["memory", "--framework", fw, "--model", name, "--batch", str(b),
                                     "--precision", "fp32"])
                    for fw in (["jax"] if a.skip_torch else ["jax", "torch"])}
+            if "remat" in getattr(jaxcnn.create_model(name), "__dataclass_fields__", {}):
+                mem["jax_remat"] = _run_worker(["memory", "--framework", "jax", "--model", name, "--batch",
+                                                str(b), "--precision", "fp32", "--remat"])
+            xla = next((r.get("xla_step_bytes") for r in rows if r["model"] == name and r["batch"] == b
+                        and r["precision"] == "fp32"), None)
             mem_rows.append(dict(model=name, batch=b, **{fw: m.get("peak_mb") for fw, m in mem.items()},
+                                 jax_rate=mem["jax"].get("train_img_s"),
+                                 remat_rate=mem.get("jax_remat", {}).get("train_img_s"),
+                                 xla_mb=xla / 2**20 if xla else None,
                                  kind=next(iter(mem.values())).get("kind", "")))
             print("    memory", mem, flush=True)
     dev_rows = []
@@ -347,23 +388,44 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe):
          "than XLA's when other processes share the cores, so only figures taken at a load below ~0.5 "
          "per core compare the frameworks fairly.", "",
          "Training: full step (uint8 input normalised in the step, forward, backward, AdamW, BatchNorm "
-         "update). PyTorch: eager, channels-last, same batch, AdamW, precision via autocast. Images/s are "
-         "medians of interleaved rounds; ratio = jaxcnn / PyTorch.", "",
-         "| model | px | batch | precision | compile s | train jaxcnn | train PyTorch | ratio | infer jaxcnn | infer PyTorch | ratio |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
+         "update). PyTorch: eager and `torch.compile` (fp32 only), channels-last, same batch, AdamW, "
+         "precision via autocast. \"plain ops\": jaxcnn traced with `jaxcnn.ops` switched off (plain "
+         "Flax/XLA convolution, max-pool and BatchNorm), to show what the library's CPU kernels change. "
+         "Images/s are medians of interleaved rounds; ratios are jaxcnn / PyTorch eager and jaxcnn / the "
+         "faster of PyTorch eager and compiled.", "",
+         "| model | px | batch | prec. | compile s | train jaxcnn | plain ops | PyTorch eager | PyTorch compiled "
+         "| ratio eager | ratio best | infer jaxcnn | PyTorch eager | PyTorch compiled | ratio eager | ratio best |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ratio(j, *ts):
+        ts = [t for t in ts if t]
+        return fmt(j / max(ts), 2) if (j and ts) else "—"
+
     for r in rows:
         if "error" in r:
-            L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['precision']} | error: {r['error']} |||||||")
+            L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['precision']} | error: {r['error']} |" + "|" * 11)
             continue
-        jt, tt, ji, ti = (r.get(k) for k in ("jax_train", "torch_train", "jax_infer", "torch_infer"))
-        L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['precision']} | {fmt(r['compile_s'], 1)} | "
-                 f"{fmt(jt, 1)} | {fmt(tt, 1)} | {fmt(jt / tt if tt else None, 2)} | {fmt(ji, 1)} | "
-                 f"{fmt(ti, 1)} | {fmt(ji / ti if ti else None, 2)} |")
+        g = r.get
+        L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['precision']} | {fmt(g('compile_s'), 1)} | "
+                 f"{fmt(g('jax_train'), 1)} | {fmt(g('jax_plain_train'), 1)} | {fmt(g('torch_train'), 1)} | "
+                 f"{fmt(g('torchc_train'), 1)} | {ratio(g('jax_train'), g('torch_train'))} | "
+                 f"{ratio(g('jax_train'), g('torch_train'), g('torchc_train'))} | {fmt(g('jax_infer'), 1)} | "
+                 f"{fmt(g('torch_infer'), 1)} | {fmt(g('torchc_infer'), 1)} | {ratio(g('jax_infer'), g('torch_infer'))} | "
+                 f"{ratio(g('jax_infer'), g('torch_infer'), g('torchc_infer'))} |")
+    errs = [f"{r['model']} b{r['batch']}: {r['torch_compile_error']}" for r in rows if r.get("torch_compile_error")]
+    if errs:
+        L += ["", "torch.compile failed for: " + "; ".join(errs)]
     if mem_rows:
         L += ["", "Peak memory of a training step (fp32; one framework per process; host RSS includes each "
-              "framework's own runtime):", "", "| model | batch | jaxcnn MB | PyTorch MB | kind |", "|---|---|---|---|---|"]
-        L += [f"| {m['model']} | {m['batch']} | {fmt(m.get('jax'))} | {fmt(m.get('torch'))} | {m['kind']} |"
-              for m in mem_rows]
+              "framework's own runtime and, for jaxcnn, XLA's compiler). \"remat\": the same model with "
+              "`remat=True` (dense layers recomputed in the backward pass). \"XLA buffers\": what XLA "
+              "plans for the step (arguments + outputs + temporaries). Images/s here come from the memory "
+              "runs (2 steps, not interleaved), to show what remat costs.", "",
+              "| model | batch | jaxcnn MB | jaxcnn remat MB | PyTorch MB | XLA buffers MB | jaxcnn img/s | remat img/s | kind |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        L += [f"| {m['model']} | {m['batch']} | {fmt(m.get('jax'))} | {fmt(m.get('jax_remat'))} | "
+              f"{fmt(m.get('torch'))} | {fmt(m.get('xla_mb'))} | {fmt(m.get('jax_rate'), 1)} | "
+              f"{fmt(m.get('remat_rate'), 1)} | {m['kind']} |" for m in mem_rows]
     if dev_rows:
         base = next((d.get("train_img_s") for d in dev_rows if d.get("n") == 1), None)
         L += ["", "Data parallel, same global batch 128 on N simulated CPU devices (they share the same cores):",

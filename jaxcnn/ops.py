@@ -1,4 +1,4 @@
-"""CPU-friendly versions of two primitives: convolution with fusion fences, and max-pooling.
+"""CPU-friendly versions of three primitives: convolution, max-pooling and BatchNorm.
 
 Convolution. XLA:CPU computes a convolution's weight gradient with an Eigen kernel that wants
 its input as [C, H, W, N]. XLA then fuses the transpose with whatever elementwise work produced
@@ -6,21 +6,23 @@ the input (BatchNorm, ReLU, residual adds), so that work is recomputed inside a 
 cache-hostile loop: on a ResNet-18 (CIFAR, batch 128) these transpose fusions took 910 ms of a
 2.9 s step. `conv_general_dilated` here is the same convolution with a custom VJP that keeps the
 conv input (forward) and the cotangent (backward) as materialised buffers, which cuts that to
-~270 ms and makes the step ~17% faster (benchmarks/RESULTS.md). `lax.optimization_barrier` does
-not stop the fusion on CPU; a while loop that XLA cannot prove trivial (trip count and a factor
-of 1 read from the replicated weights at run time) does. Off the CPU, or with `FENCES = False`,
-it is plain `lax.conv_general_dilated`. Inference never sees the fence (it lives in the
+~270 ms. `lax.optimization_barrier` does not stop the fusion on CPU; a while loop that XLA cannot
+prove trivial (trip count and a factor of 1 read from the replicated weights at run time) does.
+1x1 convolutions become one matmul over N*H*W rows, whose weight gradient needs no transposed
+copy of the input at all (DenseNet's bottlenecks read the whole concatenated block). Off the
+CPU it is plain `lax.conv_general_dilated`. Inference never sees a fence (it lives in the
 forward rule of the VJP, used only under differentiation).
 
 Max-pooling. JAX differentiates `reduce_window(max)` through a variadic reduce-window that
 carries argmax indices; on XLA:CPU that gradient cost ~40% of a small CNN's training step.
-`max_pool` here takes the maximum over strided slices (or a reshape for non-overlapping
-windows), whose gradient is a few elementwise selects that XLA fuses. Same forward values as
-`flax.linen.max_pool`; where several inputs tie for the maximum the gradient is shared between
-them instead of going to the first.
+`max_pool` here has the same forward (XLA's reduce-window) and a hand-written gradient made of
+strided slices, compares and pads, which XLA fuses into one elementwise loop. Same values and
+same gradient (ties go to the first maximum) as `flax.linen.max_pool`.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from functools import partial
 from typing import Sequence, Tuple
 
@@ -28,8 +30,26 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Read at trace time; tests and benchmarks flip it to compare with the plain convolution.
-FENCES = True
+# Switches, read when a model is traced (so one process can compare both settings; see
+# `enabled`). JAXCNN_PLAIN_OPS=1 in the environment starts with all of them off.
+_PLAIN = os.environ.get("JAXCNN_PLAIN_OPS", "") not in ("", "0")
+FENCES = not _PLAIN          # fusion fences around the convolution gradient (CPU only)
+DOT_1X1 = not _PLAIN         # 1x1 convolutions as matmuls (CPU only)
+MAX_POOL_GRAD = not _PLAIN   # max-pool gradient from slices instead of select-and-scatter
+CUSTOM_BN = not _PLAIN       # closed-form BatchNorm gradient (jaxcnn.layers.norm)
+_SWITCHES = ("FENCES", "DOT_1X1", "MAX_POOL_GRAD", "CUSTOM_BN")
+
+
+@contextlib.contextmanager
+def enabled(on: bool = True):
+    """Turn every switch of this module on or off for models traced inside the block:
+    `with ops.enabled(False): ...` gives plain Flax/XLA layers (for comparisons and debugging)."""
+    old = {k: globals()[k] for k in _SWITCHES}
+    globals().update({k: on for k in _SWITCHES})
+    try:
+        yield
+    finally:
+        globals().update(old)
 
 
 def _on_cpu() -> bool:
@@ -85,7 +105,6 @@ def _hashable(v):
     return v
 
 
-DOT_1X1 = True
 _NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
@@ -109,41 +128,24 @@ def _pointwise_conv(x, w, strides, precision):
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None):
-    """`lax.conv_general_dilated` with fusion fences around its gradient on the CPU (see above).
-    Signature-compatible, so it plugs into `flax.linen.Conv(conv_general_dilated=...)`."""
-    if not (FENCES and _on_cpu()) or batch_group_count != 1 or preferred_element_type is not None:
-        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                        rhs_dilation, dimension_numbers, feature_group_count,
-                                        batch_group_count, precision=precision,
-                                        preferred_element_type=preferred_element_type)
+    """`lax.conv_general_dilated`, on the CPU with fusion fences around its gradient and 1x1
+    kernels as matmuls (see above). Signature-compatible, so it plugs into
+    `flax.linen.Conv(conv_general_dilated=...)`."""
+    plain = partial(lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation,
+                    rhs_dilation, dimension_numbers, feature_group_count, batch_group_count,
+                    precision=precision, preferred_element_type=preferred_element_type)
+    if not _on_cpu() or batch_group_count != 1 or preferred_element_type is not None:
+        return plain()
     if dimension_numbers is not None and not isinstance(dimension_numbers, lax.ConvDimensionNumbers):
         dimension_numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     if DOT_1X1 and _is_pointwise(rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                  feature_group_count):
         return _pointwise_conv(lhs, rhs, tuple(window_strides), precision)
+    if not FENCES:
+        return plain()
     return _fenced_conv(lhs, rhs, _hashable(window_strides), _hashable(padding),
                         _hashable(lhs_dilation), _hashable(rhs_dilation), dimension_numbers,
                         feature_group_count, _hashable(precision))
-
-
-def _max_pool_slices(x, window: int, stride: int, padding: int):
-    """The maximum over strided slices (a reshape for non-overlapping windows): differentiable
-    with elementwise selects only."""
-    n, h, w, c = x.shape
-    if window == stride and padding == 0 and h % stride == 0 and w % stride == 0:
-        return x.reshape(n, h // stride, stride, w // stride, stride, c).max(axis=(2, 4))
-    if padding:
-        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
-                    constant_values=-jnp.inf)
-    ho = (x.shape[1] - window) // stride + 1
-    wo = (x.shape[2] - window) // stride + 1
-    out = None
-    for i in range(window):
-        for j in range(window):
-            s = lax.slice(x, (0, i, j, 0), (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
-                          (1, stride, stride, 1))
-            out = s if out is None else jnp.maximum(out, s)
-    return out
 
 
 def _max_pool_window(x, window: int, stride: int, padding: int):
@@ -151,23 +153,52 @@ def _max_pool_window(x, window: int, stride: int, padding: int):
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), pad)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x, window: int, stride: int, padding: int = 0):
     """Max-pool over (H, W) of an NHWC array, PyTorch's `max_pool2d(x, window, stride, padding)`
-    (floor mode; padding counts as -inf). Forward: XLA's reduce-window (fastest forward);
-    gradient: that of `_max_pool_slices` (fused selects instead of an argmax reduce-window)."""
+    (floor mode; padding counts as -inf). The gradient goes to the first maximum of each window
+    in row-major order, as in PyTorch and `flax.linen.max_pool`."""
+    if not MAX_POOL_GRAD:
+        return _max_pool_window(x, window, stride, padding)
+    return _max_pool(x, window, stride, padding)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, stride, padding):
     return _max_pool_window(x, window, stride, padding)
 
 
 def _max_pool_fwd(x, window, stride, padding):
-    return _max_pool_window(x, window, stride, padding), x
+    y = _max_pool_window(x, window, stride, padding)
+    return y, (x, y)
 
 
-def _max_pool_bwd(window, stride, padding, x, g):
-    return jax.vjp(lambda x: _max_pool_slices(x, window, stride, padding), x)[1](g)
+def _max_pool_bwd(window, stride, padding, res, g):
+    # Instead of select-and-scatter: for each window tap, a strided slice compared with the
+    # output, and the cotangent scattered back by an interior-padded `lax.pad`. All elementwise,
+    # so XLA fuses the whole gradient into one loop.
+    x, y = res
+    n, _, _, c = x.shape
+    p = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    xp = jnp.pad(x, p, constant_values=-jnp.inf) if padding else x
+    hp, wp = xp.shape[1:3]
+    ho, wo = y.shape[1:3]
+    zero = jnp.zeros((), g.dtype)
+    claimed = jnp.zeros(y.shape, bool)
+    dxp = None
+    for i in range(window):
+        for j in range(window):
+            hi, wj = i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1
+            tap = lax.slice(xp, (0, i, j, 0), (n, hi, wj, c), (1, stride, stride, 1))
+            hit = (tap == y) & ~claimed
+            claimed = claimed | hit
+            part = lax.pad(jnp.where(hit, g, zero), zero,
+                           ((0, 0, 0), (i, hp - hi, stride - 1), (j, wp - wj, stride - 1), (0, 0, 0)))
+            dxp = part if dxp is None else dxp + part
+    dx = dxp[:, padding:hp - padding, padding:wp - padding] if padding else dxp
+    return (dx,)
 
 
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 # BatchNorm (training mode) with a hand-written gradient. Autodiff of the textbook formula saves
@@ -175,7 +206,6 @@ max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 # small pieces that XLA fuses into large multi-output loops; the closed-form backward below reads
 # x and the cotangent once each for the two channel sums and once more for dx. Arithmetic and
 # statistics are float32 whatever the input dtype (as flax.linen.BatchNorm does).
-CUSTOM_BN = True
 
 
 def _bn_stats(x):

@@ -59,8 +59,11 @@ def test_pointwise_conv_is_a_matmul():
 
 @pytest.mark.parametrize("window,stride,pad,size", [(2, 2, 0, 8), (2, 2, 0, 9), (3, 2, 1, 9), (3, 2, 1, 8),
                                                     (3, 1, 1, 5), (3, 2, 0, 9)])
-def test_max_pool_equals_flax(window, stride, pad, size):
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_equals_flax(window, stride, pad, size, ties):
     x = _rand((3, size, size, 5), 0)
+    if ties:  # many equal maxima per window (as after a ReLU): the first one gets the gradient
+        x = jnp.maximum(jnp.round(x), 0.0)
     ours = jax.jit(lambda x: ops.max_pool(x, window, stride, pad))
     ref = jax.jit(lambda x: nn.max_pool(x, (window, window), (stride, stride), padding=((pad, pad), (pad, pad))))
     (v1, (g1,)), (v2, (g2,)) = _value_and_grads(ours, x), _value_and_grads(ref, x)
@@ -72,7 +75,7 @@ def test_max_pool_equals_flax(window, stride, pad, size):
 def test_max_pool_gradient_has_no_argmax_window():
     x = _rand((2, 8, 8, 3), 0)
     hlo = jax.jit(jax.grad(lambda x: ops.max_pool(x, 2, 2).sum())).lower(x).as_text()
-    assert "select_and_scatter" not in hlo and "reduce_window" not in hlo
+    assert "select_and_scatter" not in hlo
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
