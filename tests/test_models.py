@@ -234,6 +234,34 @@ def test_library_sets_the_cpu_convolution_flag_once(monkeypatch):
     assert not _xla.configure_xla_cpu()
 
 
+def _ynn_convolutions(hlo: str) -> int:
+    """Convolutions inside computations called by YNNPACK fusions in compiled HLO text."""
+    import re
+    bodies = dict(re.findall(r"^%?([\w.\-]+) \([^\n]*\) -> [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M))
+    called = re.findall(r"calls=%([\w.\-]+)[^\n]*__ynn_fusion", hlo)
+    return sum(bodies.get(c, "").count("convolution(") for c in called)
+
+
+def test_eval_compiles_with_matmul_only_ynn_fusions(monkeypatch):
+    from jaxcnn import _xla
+    monkeypatch.delenv("JAXCNN_KEEP_XLA_FLAGS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", _xla.NO_YNN_CONV)  # what jaxcnn itself sets
+    opts = _xla.eval_compiler_options()
+    assert opts == {_xla.YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    # XLA accepts it, and the compiled forward of a CNN no longer runs convolutions in YNNPACK
+    # fusions (which the training options do, pulled in by the pooling reductions).
+    model = jaxcnn.create_model("simple_cnn")  # tiny widths are too small for YNNPACK fusions
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 32, 3)), jnp.float32)
+    v = model.init(jax.random.PRNGKey(0), x[:1])
+    fwd = jax.jit(lambda v, x: model.apply(v, x), compiler_options=opts).lower(v, x).compile()
+    default = jax.jit(lambda v, x: model.apply(v, x)).lower(v, x).compile()
+    assert _ynn_convolutions(default.as_text()) > 0
+    assert _ynn_convolutions(fwd.as_text()) == 0
+    np.testing.assert_allclose(fwd(v, x), default(v, x), rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+    assert _xla.eval_compiler_options() == {}  # the user's own setting wins
+
+
 @pytest.mark.parametrize("name", ["resnet18_cifar", "densenet_bc_small", "simple_cnn", "resnet50"])
 def test_cpu_ops_give_the_plain_flax_gradients(name):
     # jaxcnn.ops (fenced convs, 1x1 matmuls, max-pool and BatchNorm gradients) must change speed

@@ -1,12 +1,14 @@
 """Top-k predictions of a saved model for image files."""
 from __future__ import annotations
 
+from functools import partial
 from typing import List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcnn._xla import eval_compiler_options
 from jaxcnn.train.checkpoint import open_for_reading
 from jaxcnn.train.config import TrainConfig
 from jaxcnn.train.optim import make_optimizer
@@ -46,7 +48,7 @@ class Predictor:
         self.batch_size = batch_size
         mean, std, n = tuple(data["mean"]), tuple(data["std"]), len(self.class_names)
 
-        @jax.jit
+        @partial(jax.jit, compiler_options=eval_compiler_options())
         def probs(variables, images):
             from jaxcnn.data import preprocess
             x, _ = preprocess(jax.random.PRNGKey(0), images, jnp.zeros(images.shape[0], jnp.int32),

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxcnn._xla import eval_compiler_options
 from jaxcnn.train.optim import cross_entropy, smooth_labels
 from jaxcnn.train.precision import all_finite
 from jaxcnn.train.state import TrainState, data_sharded, replicated
@@ -157,10 +158,11 @@ def make_eval_step(*, num_classes: int, mean: Sequence[float], std: Sequence[flo
         return dict(loss_sum=jnp.sum(loss * mask), correct=jnp.sum((pred == batch["label"]) * mask),
                     count=jnp.sum(mask), pred=pred)
 
+    opts = eval_compiler_options()
     if mesh is None:
-        return jax.jit(eval_step)
+        return jax.jit(eval_step, compiler_options=opts)
     return jax.jit(eval_step, in_shardings=(replicated(mesh), data_sharded(mesh)),
-                   out_shardings=replicated(mesh))
+                   out_shardings=replicated(mesh), compiler_options=opts)
 
 
 def normalization(normalize: str, data_mean, data_std):
