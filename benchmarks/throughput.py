@@ -67,9 +67,8 @@ def _jax_steps(name: str, batch: int, precision: str, num_classes: int = 10, pla
     train = make_train_step(augment=None, compute_dtype=dtype, **stats)
     evaluate = make_eval_step(compute_dtype=dtype, **stats)
     t0 = time.perf_counter()
-    with ops.enabled(not plain_ops):
+    with ops.enabled(not plain_ops):  # the switches are read while tracing
         compiled = train.lower(state, data).compile()
-        eval_compiled = evaluate.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     xla_bytes = None
@@ -85,9 +84,9 @@ def _jax_steps(name: str, batch: int, precision: str, num_classes: int = 10, pla
         jax.block_until_ready(m["loss"])
         box["state"] = s
 
-    def infer_n(n):
+    def infer_n(n):  # compiled on first use (never in the memory runs), with jaxcnn.ops on
         for _ in range(n):
-            out = eval_compiled(box["state"], data)
+            out = evaluate(box["state"], data)
         jax.block_until_ready(out["pred"])
 
     return train_n, infer_n, compile_s, xla_bytes
@@ -139,6 +138,18 @@ def _torch_steps(name: str, batch: int, precision: str, num_classes: int = 10, c
     return train_n, infer_n
 
 
+def _interleaved(fns: Dict, a) -> Dict:
+    """Warm each function up, then time rounds that call them in turn; median images/s of each."""
+    for f in fns.values():  # warm-up: compilation, allocator and thread-pool start-up
+        f(1)
+    times = {k: [] for k in fns}
+    for _ in range(a.rounds):
+        for k, f in fns.items():
+            n = a.steps if "train" in k else 2 * a.steps
+            t = time.perf_counter(); f(n); times[k].append(a.batch * n / (time.perf_counter() - t))
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def _median_rate(fn, n, batch, rounds):
     ts = []
     for _ in range(rounds):
@@ -155,14 +166,7 @@ def worker_speed(a) -> Dict:
     if not a.skip_torch:
         ttrain, tinfer = _torch_steps(a.model, a.batch, a.precision)
         fns.update(torch_train=ttrain, torch_infer=tinfer)
-    for f in fns.values():  # warm-up: compilation, allocator and thread-pool start-up
-        f(1)
-    times = {k: [] for k in fns}
-    for _ in range(a.rounds):  # interleaved: j-train, t-train, j-infer, t-infer, repeat
-        for k, f in fns.items():
-            n = a.steps if "train" in k else 2 * a.steps
-            t = time.perf_counter(); f(n); times[k].append(a.batch * n / (time.perf_counter() - t))
-    out.update({k: float(np.median(v)) for k, v in times.items()})
+    out.update(_interleaved(fns, a))
     return out
 
 
@@ -179,15 +183,8 @@ def worker_torch_compile(a) -> Dict:
     except Exception as e:  # inductor needs a C++ compiler; report, don't die
         return {"torch_compile_error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
     out["torch_compile_s"] = time.perf_counter() - t0
-    fns = {"eager_train": eager[0], "eager_infer": eager[1], "torchc_train": comp[0], "torchc_infer": comp[1]}
-    for f in fns.values():
-        f(1)
-    times = {k: [] for k in fns}
-    for _ in range(a.rounds):
-        for k, f in fns.items():
-            n = a.steps if "train" in k else 2 * a.steps
-            t = time.perf_counter(); f(n); times[k].append(a.batch * n / (time.perf_counter() - t))
-    out.update({k: float(np.median(v)) for k, v in times.items()})
+    out.update(_interleaved({"eager_train": eager[0], "eager_infer": eager[1],
+                             "torchc_train": comp[0], "torchc_infer": comp[1]}, a))
     return out
 
 

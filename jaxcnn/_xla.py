@@ -27,10 +27,16 @@ def _jaxlib_version() -> tuple:
         return (0, 0)
 
 
+def _hands_off() -> bool:
+    """True when jaxcnn must leave YNNPACK settings alone: opted out, or the user set the flag."""
+    return bool(os.environ.get("JAXCNN_KEEP_XLA_FLAGS")) or \
+        YNN_FLAG in os.environ.get("XLA_FLAGS", "").replace(NO_YNN_CONV, "")
+
+
 def configure_xla_cpu() -> bool:
     """Append the convolution setting to XLA_FLAGS when it applies; returns whether it did."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if os.environ.get("JAXCNN_KEEP_XLA_FLAGS") or YNN_FLAG in flags:
+    if _hands_off() or NO_YNN_CONV in flags:
         return False
     # Older jaxlibs do not know the flag, and XLA aborts on an unknown flag in XLA_FLAGS.
     if _jaxlib_version() < (0, 10):
@@ -51,7 +57,6 @@ def eval_compiler_options() -> dict:
     """
     import jax
 
-    if (os.environ.get("JAXCNN_KEEP_XLA_FLAGS") or YNN_FLAG in os.environ.get("XLA_FLAGS", "").replace(NO_YNN_CONV, "")
-            or _jaxlib_version() < (0, 10) or jax.default_backend() != "cpu"):
+    if _hands_off() or _jaxlib_version() < (0, 10) or jax.default_backend() != "cpu":
         return {}
     return {YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}

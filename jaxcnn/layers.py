@@ -25,12 +25,13 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def conv(features: int, kernel: int = 3, stride: int = 1, *, groups: int = 1, use_bias: bool = False,
          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: Optional[str] = None,
-         padding: Optional[int] = None) -> nn.Conv:
-    """A square convolution padded like PyTorch's `Conv2d(..., padding=kernel // 2)`."""
+         padding: Optional[int] = None, kernel_init: Callable = conv_init) -> nn.Conv:
+    """A square convolution padded like PyTorch's `Conv2d(..., padding=kernel // 2)`, computed by
+    `ops.conv_general_dilated` (CPU-friendly gradient)."""
     p = kernel // 2 if padding is None else padding
     return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((p, p), (p, p)),
                    feature_group_count=groups, use_bias=use_bias, dtype=dtype,
-                   param_dtype=param_dtype, kernel_init=conv_init, name=name,
+                   param_dtype=param_dtype, kernel_init=kernel_init, name=name,
                    conv_general_dilated=ops.conv_general_dilated)
 
 
@@ -64,7 +65,7 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         dtype = self.dtype or x.dtype
         if self.use_running_average:
-            return ops._bn_apply(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, dtype)
+            return ops.batch_norm_apply(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, dtype)
         y, (mean, var) = ops.batch_norm_train(x, scale, bias, self.epsilon, jnp.dtype(dtype))
         if not self.is_initializing():
             m = self.momentum

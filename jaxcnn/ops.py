@@ -217,7 +217,8 @@ def _bn_stats(x):
     return mean, var
 
 
-def _bn_apply(x, mean, var, scale, bias, eps, dtype):
+def batch_norm_apply(x, mean, var, scale, bias, eps, dtype):
+    """y = (x - mean) / sqrt(var + eps) * scale + bias in float32, cast to `dtype`."""
     a = scale * lax.rsqrt(var + eps)
     return (x.astype(jnp.float32) * a + (bias - mean * a)).astype(dtype)
 
@@ -226,18 +227,18 @@ def _bn_apply(x, mean, var, scale, bias, eps, dtype):
 def batch_norm_train(x, scale, bias, eps: float, dtype):
     """BatchNorm over every axis but the last, with batch statistics. Returns (y, (mean, biased var))."""
     mean, var = _bn_stats(x)
-    return _bn_apply(x, mean, var, scale, bias, eps, dtype), (mean, var)
+    return batch_norm_apply(x, mean, var, scale, bias, eps, dtype), (mean, var)
 
 
 def _bn_fwd(x, scale, bias, eps, dtype):
     mean, var = _bn_stats(x)
-    return (_bn_apply(x, mean, var, scale, bias, eps, dtype), (mean, var)), (x, mean, var, scale)
+    y = batch_norm_apply(x, mean, var, scale, bias, eps, dtype)
+    return (y, (mean, var)), (x, mean, lax.rsqrt(var + eps), scale)
 
 
 def _bn_bwd(eps, dtype, res, cts):
-    x, mean, var, scale = res
+    x, mean, r, scale = res
     g = cts[0].astype(jnp.float32)   # the statistics output only feeds the running averages
-    r = lax.rsqrt(var + eps)
     xhat = (x.astype(jnp.float32) - mean) * r
     n = x.size // x.shape[-1]
     axes = tuple(range(x.ndim - 1))

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxcnn import ops
-
 from jaxcnn.layers import DenseBlock, Transition, conv, norm, transition_features
 from jaxcnn.models.registry import register_model
 

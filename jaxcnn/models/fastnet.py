@@ -43,12 +43,10 @@ class ConvGroup(nn.Module):
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         init = dirac_init() if self.dirac else conv_init
-        x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                    kernel_init=init, name="conv1", conv_general_dilated=ops.conv_general_dilated, **kw)(x)
+        x = conv(self.features, 3, kernel_init=init, name="conv1", **kw)(x)
         x = ops.max_pool(x, 2, 2)
         x = self.act(norm(train, name="bn1", **kw)(x))
-        x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                    kernel_init=init, name="conv2", conv_general_dilated=ops.conv_general_dilated, **kw)(x)
+        x = conv(self.features, 3, kernel_init=init, name="conv2", **kw)(x)
         return self.act(norm(train, name="bn2", **kw)(x))
 
 

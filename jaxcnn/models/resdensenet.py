@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxcnn import ops
-
 from jaxcnn.layers import DenseResidualBlock, Transition, conv, norm
 from jaxcnn.models.registry import register_model
 

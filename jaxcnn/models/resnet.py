@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxcnn import ops
-
 from jaxcnn.layers import BasicBlock, Bottleneck, conv, norm
 from jaxcnn.models.registry import register_model
 

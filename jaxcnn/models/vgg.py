@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxcnn import ops
-
 from jaxcnn.layers import ConvBNAct
 from jaxcnn.models.registry import register_model
 
