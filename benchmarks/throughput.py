@@ -24,7 +24,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -38,9 +38,10 @@ def default_batches(image_size: int) -> List[int]:
 
 # ----------------------------------------------------------------------------- workers
 def _jax_steps(name: str, batch: int, precision: str, num_classes: int = 10, plain_ops: bool = False,
-               remat: bool = False):
+               remat: Optional[bool] = None):
     """jaxcnn's train/eval steps. `plain_ops`: trace with jaxcnn.ops switched off (plain Flax/XLA
-    layers), to show what the library's CPU kernels change. `remat`: recompute dense blocks."""
+    layers), to show what the library's CPU kernels change. `remat`: the dense-block field (None:
+    the model's default, which recomputes on the CPU)."""
     import jax
     import jax.numpy as jnp
     import jaxcnn
@@ -54,7 +55,7 @@ def _jax_steps(name: str, batch: int, precision: str, num_classes: int = 10, pla
 
     size = jaxcnn.model_info(name).image_size
     dtype = compute_dtype(precision)
-    model = jaxcnn.create_model(name, num_classes=num_classes, dtype=dtype, **(dict(remat=True) if remat else {}))
+    model = jaxcnn.create_model(name, num_classes=num_classes, dtype=dtype, **({} if remat is None else dict(remat=remat)))
     tx, _ = make_optimizer(TrainConfig(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4), 100)
     state = jax.jit(lambda: create_train_state(model, tx, image_size=size, seed=0, precision=precision,
                                                dtype=dtype))()
@@ -191,7 +192,7 @@ def worker_torch_compile(a) -> Dict:
 def worker_memory(a) -> Dict:
     if a.framework == "jax":
         import jax
-        train, _, _, _ = _jax_steps(a.model, a.batch, a.precision, remat=a.remat)
+        train, _, _, _ = _jax_steps(a.model, a.batch, a.precision, remat=False if a.no_remat else None)
         train(1)
         t = time.perf_counter(); train(2)
         rate = 2 * a.batch / (time.perf_counter() - t)
@@ -325,7 +326,7 @@ def main(argv=None):
     ap.add_argument("--precision", help=argparse.SUPPRESS)
     ap.add_argument("--framework", help=argparse.SUPPRESS)
     ap.add_argument("--num-devices", dest="ndev", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--remat", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-remat", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
     if a.worker:
@@ -370,13 +371,13 @@ def main(argv=None):
                                     "--precision", "fp32"])
                    for fw in (["jax"] if a.skip_torch else ["jax", "torch"])}
             if "remat" in getattr(jaxcnn.create_model(name), "__dataclass_fields__", {}):
-                mem["jax_remat"] = _run_worker(["memory", "--framework", "jax", "--model", name, "--batch",
-                                                str(b), "--precision", "fp32", "--remat"])
+                mem["jax_noremat"] = _run_worker(["memory", "--framework", "jax", "--model", name, "--batch",
+                                                  str(b), "--precision", "fp32", "--no-remat"])
             xla = next((r.get("xla_step_bytes") for r in rows if r["model"] == name and r["batch"] == b
                         and r["precision"] == "fp32"), None)
             mem_rows.append(dict(model=name, batch=b, **{fw: m.get("peak_mb") for fw, m in mem.items()},
                                  jax_rate=mem["jax"].get("train_img_s"),
-                                 remat_rate=mem.get("jax_remat", {}).get("train_img_s"),
+                                 noremat_rate=mem.get("jax_noremat", {}).get("train_img_s"),
                                  xla_mb=xla / 2**20 if xla else None,
                                  kind=next(iter(mem.values())).get("kind", "")))
             print("    memory", mem, flush=True)
@@ -438,15 +439,15 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe):
         L += ["", "torch.compile failed for: " + "; ".join(errs)]
     if mem_rows:
         L += ["", "Peak memory of a training step (fp32; one framework per process; host RSS includes each "
-              "framework's own runtime and, for jaxcnn, XLA's compiler). \"remat\": the same model with "
-              "`remat=True` (dense layers recomputed in the backward pass). \"XLA buffers\": what XLA "
-              "plans for the step (arguments + outputs + temporaries). Images/s here come from the memory "
-              "runs (2 steps, not interleaved), to show what remat costs.", "",
-              "| model | batch | jaxcnn MB | jaxcnn remat MB | PyTorch MB | XLA buffers MB | jaxcnn img/s | remat img/s | kind |",
+              "framework's own runtime and, for jaxcnn, XLA's compiler). Dense blocks recompute their layers in "
+              "the backward pass by default on the CPU; \"remat=False\": the same model storing them. "
+              "\"XLA buffers\": what XLA plans for the step (arguments + outputs + temporaries). Images/s "
+              "here come from the memory runs (2 steps, not interleaved), to show what remat does to speed.", "",
+              "| model | batch | jaxcnn MB | jaxcnn remat=False MB | PyTorch MB | XLA buffers MB | jaxcnn img/s | remat=False img/s | kind |",
               "|---|---|---|---|---|---|---|---|---|"]
-        L += [f"| {m['model']} | {m['batch']} | {fmt(m.get('jax'))} | {fmt(m.get('jax_remat'))} | "
+        L += [f"| {m['model']} | {m['batch']} | {fmt(m.get('jax'))} | {fmt(m.get('jax_noremat'))} | "
               f"{fmt(m.get('torch'))} | {fmt(m.get('xla_mb'))} | {fmt(m.get('jax_rate'), 1)} | "
-              f"{fmt(m.get('remat_rate'), 1)} | {m['kind']} |" for m in mem_rows]
+              f"{fmt(m.get('noremat_rate'), 1)} | {m['kind']} |" for m in mem_rows]
     if dev_rows:
         base = next((d.get("train_img_s") for d in dev_rows if d.get("n") == 1), None)
         L += ["", "Data parallel, same global batch 128 on N simulated CPU devices (they share the same cores):",

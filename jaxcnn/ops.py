@@ -37,7 +37,8 @@ FENCES = not _PLAIN          # fusion fences around the convolution gradient (CP
 DOT_1X1 = not _PLAIN         # 1x1 convolutions as matmuls (CPU only)
 MAX_POOL_GRAD = not _PLAIN   # max-pool gradient from slices instead of select-and-scatter
 CUSTOM_BN = not _PLAIN       # closed-form BatchNorm gradient (jaxcnn.layers.norm)
-_SWITCHES = ("FENCES", "DOT_1X1", "MAX_POOL_GRAD", "CUSTOM_BN")
+DENSE_REMAT = not _PLAIN     # dense blocks with remat=None recompute in training (CPU only)
+_SWITCHES = ("FENCES", "DOT_1X1", "MAX_POOL_GRAD", "CUSTOM_BN", "DENSE_REMAT")
 
 
 @contextlib.contextmanager
@@ -52,8 +53,17 @@ def enabled(on: bool = True):
         globals().update(old)
 
 
-def _on_cpu() -> bool:
+def on_cpu() -> bool:
     return jax.default_backend() == "cpu"
+
+
+
+def fence(xs, w):
+    """`xs` (a tuple of arrays) unchanged, but as new values that XLA:CPU cannot fuse into their
+    consumers, merge with equal computations elsewhere (CSE) or compute before all of `xs`
+    exist. `lax.optimization_barrier` is meant for this, but XLA:CPU removes it. `w`: a small
+    replicated array (a weight) whose first element sets the loop's trip count at run time."""
+    return _materialize(tuple(xs), w)
 
 
 def _materialize(xs, w):
@@ -134,7 +144,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     plain = partial(lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation,
                     rhs_dilation, dimension_numbers, feature_group_count, batch_group_count,
                     precision=precision, preferred_element_type=preferred_element_type)
-    if not _on_cpu() or batch_group_count != 1 or preferred_element_type is not None:
+    if not on_cpu() or batch_group_count != 1 or preferred_element_type is not None:
         return plain()
     if dimension_numbers is not None and not isinstance(dimension_numbers, lax.ConvDimensionNumbers):
         dimension_numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)

@@ -4,7 +4,7 @@ classifier)."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax.numpy as jnp
 import flax.linen as nn
@@ -24,7 +24,7 @@ class ResDenseNet(nn.Module):
     stem: str = "imagenet"
     se: bool = False
     se_reduction: int = 16
-    remat: bool = False
+    remat: Optional[bool] = None   # None: on when training on the CPU (see layers.DenseBlock)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
