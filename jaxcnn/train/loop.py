@@ -319,9 +319,12 @@ def train_and_evaluate(config: TrainConfig, *, data=None) -> Dict[str, Any]:
           f"{data.num_classes} classes, {run.image_size}px; {run.mesh.devices.size} x "
           f"{run.mesh.devices.flat[0].platform} device(s), {config.precision}; "
           f"{run.steps_per_epoch} steps/epoch of {config.batch_size}")
-    if ev_name == "test":
-        print("warning: no validation split (--val-fraction 0): the best epoch, plateau and early "
-              "stopping are chosen on the test set")
+    chooses = [k for k, on in (("the best epoch", config.keep_best),
+                               ("plateau decay", config.plateau_patience > 0),
+                               ("early stopping", config.early_stopping_patience > 0)) if on]
+    if ev_name == "test" and chooses:
+        print(f"warning: no validation split (--val-fraction 0): {', '.join(chooses)} "
+              "will be chosen on the test set")
     data_meta = dict(class_names=list(data.class_names), image_size=run.image_size, mean=list(run.mean),
                      std=list(run.std), source=data.source)
     reporter = Reporter(workdir, data.class_names, resume=resumed)
