@@ -5,14 +5,16 @@ the input pipeline, and data-parallel overhead. Writes a markdown table to bench
     python benchmarks/throughput.py --models resnet18_cifar --batch-sizes 128 --precisions fp32
     python benchmarks/throughput.py --quick               # smoke run (tiny, seconds per model)
 
-Method. Each (model, batch, precision) runs in a fresh subprocess. It builds jaxcnn's own jitted
+Method. Each (model, batch, precision) runs in fresh subprocesses. They build jaxcnn's own jitted
 train step (jaxcnn.train.step: preprocessing of uint8 input, forward, backward, AdamW, BatchNorm
 update, state donated) and eval step, and the same architecture in PyTorch (jaxcnn.torch_ref: the
 parity tests' reference modules; eager and torch.compile'd, channels-last, AdamW, bf16 by CPU/CUDA
-autocast). In fp32 it also times jaxcnn with jaxcnn.ops switched off ("plain ops"). After a
-warm-up of each, timed rounds alternate JAX, PyTorch, JAX, PyTorch, ... and each figure is the
-median over rounds, so the printed ratio holds even when the machine is noisy. Peak memory is
-measured in two more subprocesses, one per framework running only its training step (host peak
+autocast). In fp32 it also times jaxcnn with jaxcnn.ops switched off ("plain ops"). Each
+framework runs in a process of its own (sharing one slowed XLA's steps by a third), one after
+another as a user would run it: warm-up, then timed rounds back to back; each figure is the median
+over rounds. `--alternate` makes the processes take turns instead, one round each, which cancels
+slow drifts of a noisy machine but skewed the figures on the project's VM (see _run_sides).
+Peak memory is measured in two more subprocesses, one per framework running only its training step (host peak
 RSS on a CPU; peak device memory on a GPU). Speed targets live here, never in the unit tests.
 """
 from __future__ import annotations
@@ -139,18 +141,6 @@ def _torch_steps(name: str, batch: int, precision: str, num_classes: int = 10, c
     return train_n, infer_n
 
 
-def _interleaved(fns: Dict, a) -> Dict:
-    """Warm each function up, then time rounds that call them in turn; median images/s of each."""
-    for f in fns.values():  # warm-up: compilation, allocator and thread-pool start-up
-        f(1)
-    times = {k: [] for k in fns}
-    for _ in range(a.rounds):
-        for k, f in fns.items():
-            n = a.steps if "train" in k else 2 * a.steps
-            t = time.perf_counter(); f(n); times[k].append(a.batch * n / (time.perf_counter() - t))
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
 def _median_rate(fn, n, batch, rounds):
     ts = []
     for _ in range(rounds):
@@ -158,34 +148,43 @@ def _median_rate(fn, n, batch, rounds):
     return batch * n / float(np.median(ts))
 
 
-def worker_speed(a) -> Dict:
-    jtrain, jinfer, compile_s, xla_bytes = _jax_steps(a.model, a.batch, a.precision)
-    out = dict(compile_s=compile_s, xla_step_bytes=xla_bytes)
-    fns = {"jax_train": jtrain, "jax_infer": jinfer}
-    if a.plain_ops:
-        fns["jax_plain_train"] = _jax_steps(a.model, a.batch, a.precision, plain_ops=True)[0]
-    if not a.skip_torch:
-        ttrain, tinfer = _torch_steps(a.model, a.batch, a.precision)
-        fns.update(torch_train=ttrain, torch_infer=tinfer)
-    out.update(_interleaved(fns, a))
-    return out
-
-
-def worker_torch_compile(a) -> Dict:
-    """torch.compile, timed interleaved with eager PyTorch in a process of its own: in the same
-    process as JAX, inductor's runtime slowed XLA's steps by ~20% (resnet18_cifar b128: 60 -> 49
-    img/s), which would make every jaxcnn figure of the row unfair."""
-    eager = _torch_steps(a.model, a.batch, a.precision)
-    comp = _torch_steps(a.model, a.batch, a.precision, compiled=True)
-    out = {}
+def _side_steps(a):
+    """The timed functions of one side ("jax", "torch" or "torchc") and what it knows already."""
+    if a.framework == "jax":
+        train, infer, compile_s, xla_bytes = _jax_steps(a.model, a.batch, a.precision)
+        fns, info = {"jax_train": train, "jax_infer": infer}, dict(compile_s=compile_s, xla_step_bytes=xla_bytes)
+        if a.plain_ops:
+            fns["jax_plain_train"] = _jax_steps(a.model, a.batch, a.precision, plain_ops=True)[0]
+        return fns, info
+    if a.framework == "torch":
+        train, infer = _torch_steps(a.model, a.batch, a.precision)
+        return {"torch_train": train, "torch_infer": infer}, {}
+    train, infer = _torch_steps(a.model, a.batch, a.precision, compiled=True)
     t0 = time.perf_counter()
+    train(1); infer(1)  # inductor compiles here; it needs a C++ compiler
+    return {"torchc_train": train, "torchc_infer": infer}, {"torch_compile_s": time.perf_counter() - t0}
+
+
+def worker_side(a) -> Dict:
+    """One framework's steps, timed one round at a time when the parent says so (_run_sides).
+    Each framework lives in a process of its own: with PyTorch in the same process, jaxcnn's
+    resnet18_cifar step (b128) ran 59 instead of 90 img/s, and inductor's runtime slowed it ~20%."""
     try:
-        comp[0](1); comp[1](1)
-    except Exception as e:  # inductor needs a C++ compiler; report, don't die
-        return {"torch_compile_error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
-    out["torch_compile_s"] = time.perf_counter() - t0
-    out.update(_interleaved({"eager_train": eager[0], "eager_infer": eager[1],
-                             "torchc_train": comp[0], "torchc_infer": comp[1]}, a))
+        fns, out = _side_steps(a)
+        for f in fns.values():  # warm-up: compilation, allocator and thread-pool start-up
+            f(1)
+    except Exception as e:  # e.g. torch.compile without a C++ compiler: report, don't die
+        return {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"}
+    print("READY", flush=True)
+    times = {k: [] for k in fns}
+    for line in sys.stdin:
+        if line.strip() != "round":
+            break
+        for k, f in fns.items():
+            n = a.steps if "train" in k else 2 * a.steps
+            t = time.perf_counter(); f(n); times[k].append(a.batch * n / (time.perf_counter() - t))
+        print("DONE", flush=True)
+    out.update({k: float(np.median(v)) for k, v in times.items() if v})
     return out
 
 
@@ -275,6 +274,71 @@ def _run_worker(args: List[str], env=None) -> Dict:
     return json.loads(lines[-1][7:])
 
 
+def _start_side(args: List[str]):
+    """A `--worker side` process, warmed up; returns (process, stderr file) or (None, error)."""
+    import tempfile
+    err = tempfile.TemporaryFile(mode="w+")  # a pipe could fill up with warnings and block
+    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "side", *args],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+    line = p.stdout.readline()
+    while line and not line.startswith(("READY", "RESULT ")):
+        line = p.stdout.readline()
+    if line.startswith("READY"):
+        return p, err
+    p.wait()
+    err.seek(0)
+    res = json.loads(line[7:]) if line.startswith("RESULT ") else {}
+    msg = res.get("error") or ((err.read().strip().splitlines() or ["no output"])[-1])[:200]
+    err.close()
+    return None, msg
+
+
+def _round(p):
+    p.stdin.write("round\n"); p.stdin.flush()
+    line = "?"
+    while line and not line.startswith("DONE"):  # "" is EOF: the side died
+        line = p.stdout.readline()
+
+
+def _finish(p, err) -> Dict:
+    res, _ = p.communicate("end\n")
+    err.close()
+    lines = [l for l in res.splitlines() if l.startswith("RESULT ")]
+    return json.loads(lines[-1][7:]) if lines else {"error": "no result"}
+
+
+def _run_sides(sides: List[List[str]], rounds: int, alternate: bool = False) -> Dict:
+    """One `--worker side` process per entry of `sides` (jaxcnn, PyTorch eager, PyTorch compiled).
+
+    Default: one framework at a time, as a user runs it: start, warm up, `rounds` timed rounds back
+    to back, exit; then the next. `alternate`: start all (one after another, so compile times are
+    measured on a quiet machine), then take turns, one round each. Alternating cancels slow drifts
+    of a noisy machine, but on the project's 2-core VM it skewed both frameworks: resnet18_cifar
+    b128, jaxcnn 87 img/s alone and 59 alternating with PyTorch; PyTorch 76 alone and 100
+    alternating (the PyTorch process, idle, used no CPU; the cause was not found). A failed side
+    reports "<framework>_error" and the others go on."""
+    out, live = {}, []
+    for args in sides:
+        fw = args[args.index("--framework") + 1]
+        p, err = _start_side(args)
+        if p is None:
+            out[f"{fw}_error"] = err
+        elif alternate:
+            live.append((fw, p, err))
+        else:
+            for _ in range(rounds):
+                _round(p)
+            res = _finish(p, err)
+            out.update({(f"{fw}_error" if k == "error" else k): v for k, v in res.items()})
+    for _ in range(rounds):
+        for _, p, _ in live:
+            _round(p)
+    for fw, p, err in live:
+        res = _finish(p, err)
+        out.update({(f"{fw}_error" if k == "error" else k): v for k, v in res.items()})
+    return out
+
+
 def machine() -> Dict:
     from jaxcnn.train.report import environment
     env = environment()
@@ -308,6 +372,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (median reported)")
     ap.add_argument("--steps", type=int, default=2, help="train steps per timed round (inference: 2x)")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--alternate", action="store_true",
+                    help="frameworks take turns, one round each (default: one after another)")
     ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false",
                     help="skip the torch.compile columns (fp32 only; inductor needs a C++ compiler)")
     ap.add_argument("--no-plain-ops", dest="plain_ops", action="store_false",
@@ -320,7 +386,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="1 round, 1 step, first model only")
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
     # worker-only arguments
-    ap.add_argument("--worker", choices=["speed", "torchc", "memory", "devices", "pipeline"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["side", "memory", "devices", "pipeline"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--precision", help=argparse.SUPPRESS)
@@ -332,7 +398,7 @@ def main(argv=None):
     if a.worker:
         if a.worker == "devices":
             a.devices = a.ndev
-        res = {"speed": worker_speed, "torchc": worker_torch_compile, "memory": worker_memory, "devices": worker_devices,
+        res = {"side": worker_side, "memory": worker_memory, "devices": worker_devices,
                "pipeline": worker_pipeline}[a.worker](a)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
@@ -354,15 +420,12 @@ def main(argv=None):
         for precision in a.precisions:
             for b in batches:
                 print(f"[{time.strftime('%H:%M:%S')}] {name} {size}px batch {b} {precision} ...", flush=True)
-                extra = [] if precision == "fp32" else ["--no-torch-compile", "--no-plain-ops"]
-                r = _run_worker(["speed", "--model", name, "--batch", str(b), "--precision", precision]
-                                + common + extra)
-                if precision == "fp32" and a.torch_compile and not a.skip_torch and "error" not in r:
-                    c = _run_worker(["torchc", "--model", name, "--batch", str(b), "--precision", precision]
-                                    + common)
-                    r.update({k: v for k, v in c.items() if k != "error"})
-                    if "error" in c:
-                        r["torch_compile_error"] = c["error"]
+                fp32 = precision == "fp32"
+                frameworks = ["jax"] + ([] if a.skip_torch else ["torch"]) + \
+                    (["torchc"] if fp32 and a.torch_compile and not a.skip_torch else [])
+                r = _run_sides([["--framework", fw, "--model", name, "--batch", str(b), "--precision", precision,
+                                "--steps", str(a.steps)] + ([] if fp32 and a.plain_ops else ["--no-plain-ops"])
+                               for fw in frameworks], a.rounds, a.alternate)
                 rows.append(dict(model=name, size=size, batch=b, precision=precision, **r))
                 print("   ", r, flush=True)
         if not a.no_memory:
@@ -404,39 +467,46 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe):
          f"Versions: jax {env.get('jax')}, jaxlib {env.get('jaxlib')}, flax {env.get('flax')}, "
          f"optax {env.get('optax')}, torch {env.get('torch')}, Python {env.get('python')}  ",
          f"XLA_FLAGS (set by jaxcnn, see jaxcnn/_xla.py): `{os.environ.get('XLA_FLAGS', '')}`  ",
+         f"GLIBC_TUNABLES (set by jaxcnn's entry points for both frameworks, see jaxcnn/_malloc.py): "
+         f"`{os.environ.get('GLIBC_TUNABLES', '')}`  ",
          f"Load average (1/5/15 min): {env.get('load')}. PyTorch's OpenMP threads slow down far more "
          "than XLA's when other processes share the cores, so only figures taken at a load below ~0.5 "
          "per core compare the frameworks fairly.", "",
          "Training: full step (uint8 input normalised in the step, forward, backward, AdamW, BatchNorm "
          "update). PyTorch: eager and `torch.compile` (fp32 only), channels-last, same batch, AdamW, "
-         "precision via autocast. `torch.compile` runs in a process of its own, interleaved with eager "
-         "PyTorch there (\"eager, own process\"), because inductor's runtime slowed XLA's steps by ~20% "
-         "when they shared a process. \"plain ops\": jaxcnn traced with `jaxcnn.ops` switched off (plain "
-         "Flax/XLA convolution, max-pool and BatchNorm), to show what the library's CPU kernels change. "
-         "Images/s are medians of interleaved rounds; ratios are jaxcnn / PyTorch eager and jaxcnn / the "
-         "faster of PyTorch eager and compiled.", "",
+         "precision via autocast. Each framework (jaxcnn, PyTorch eager, PyTorch compiled) runs in a "
+         "process of its own, " + ("the processes taking turns, one timed round each (--alternate). "
+                                   if "--alternate" in command else
+                                   "one after another, its timed rounds back to back, as a user runs it. ")
+         + "(Sharing one process slowed jaxcnn's steps: resnet18_cifar b128 59 instead of 90 img/s with "
+         "PyTorch eager beside it. Taking turns skewed both frameworks on this VM, jaxcnn down and PyTorch "
+         "up; see `_run_sides` in the script.) \"plain ops\": jaxcnn traced with "
+         "`jaxcnn.ops` switched off (plain Flax/XLA convolution, max-pool and BatchNorm), in the jaxcnn "
+         "process, to show what the library's CPU kernels change. Images/s are medians over rounds; ratios "
+         "are jaxcnn / PyTorch eager and jaxcnn / the faster of PyTorch eager and compiled.", "",
          "| model | px | batch | prec. | compile s | train jaxcnn | plain ops | PyTorch eager | PyTorch compiled "
-         "| eager, own process | ratio eager | ratio best | infer jaxcnn | PyTorch eager | PyTorch compiled | ratio eager | ratio best |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| ratio eager | ratio best | infer jaxcnn | PyTorch eager | PyTorch compiled | ratio eager | ratio best |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ratio(j, *ts):
         ts = [t for t in ts if t]
         return fmt(j / max(ts), 2) if (j and ts) else "—"
 
     for r in rows:
-        if "error" in r:
-            L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['precision']} | error: {r['error']} |" + "|" * 12)
+        if "jax_error" in r:
+            L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['precision']} | error: {r['jax_error']} |" + "|" * 11)
             continue
         g = r.get
         L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['precision']} | {fmt(g('compile_s'), 1)} | "
                  f"{fmt(g('jax_train'), 1)} | {fmt(g('jax_plain_train'), 1)} | {fmt(g('torch_train'), 1)} | "
-                 f"{fmt(g('torchc_train'), 1)} | {fmt(g('eager_train'), 1)} | {ratio(g('jax_train'), g('torch_train'))} | "
+                 f"{fmt(g('torchc_train'), 1)} | {ratio(g('jax_train'), g('torch_train'))} | "
                  f"{ratio(g('jax_train'), g('torch_train'), g('torchc_train'))} | {fmt(g('jax_infer'), 1)} | "
                  f"{fmt(g('torch_infer'), 1)} | {fmt(g('torchc_infer'), 1)} | {ratio(g('jax_infer'), g('torch_infer'))} | "
                  f"{ratio(g('jax_infer'), g('torch_infer'), g('torchc_infer'))} |")
-    errs = [f"{r['model']} b{r['batch']}: {r['torch_compile_error']}" for r in rows if r.get("torch_compile_error")]
-    if errs:
-        L += ["", "torch.compile failed for: " + "; ".join(errs)]
+    for fw, what in (("torch", "PyTorch eager"), ("torchc", "torch.compile")):
+        errs = [f"{r['model']} b{r['batch']} {r['precision']}: {r[fw + '_error']}" for r in rows if r.get(fw + "_error")]
+        if errs:
+            L += ["", f"{what} failed for: " + "; ".join(errs)]
     if mem_rows:
         L += ["", "Peak memory of a training step (fp32; one framework per process; host RSS includes each "
               "framework's own runtime and, for jaxcnn, XLA's compiler). Dense blocks recompute their layers in "
@@ -466,4 +536,8 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe):
 
 
 if __name__ == "__main__":
+    # Both frameworks' workers inherit the huge-page tunable (jaxcnn/_malloc.py): PyTorch's
+    # allocator gains from it as much as XLA's, so the ratios compare like with like.
+    from jaxcnn import reexec_with_huge_pages
+    reexec_with_huge_pages()
     sys.exit(main())

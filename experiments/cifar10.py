@@ -8,7 +8,9 @@ Every flag is a jaxcnn.train.TrainConfig field; --help lists them with the recip
 """
 import sys
 
+from jaxcnn import reexec_with_huge_pages
 from jaxcnn.train.cli import main
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # ~15% faster CPU steps (jaxcnn/_malloc.py)
     sys.exit(main(prog="cifar10.py", description=__doc__, defaults=dict(dataset="cifar10")))

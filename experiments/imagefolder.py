@@ -6,9 +6,11 @@ DIR/test/<class>/. Every flag is a jaxcnn.train.TrainConfig field; --help lists 
 """
 import sys
 
+from jaxcnn import reexec_with_huge_pages
 from jaxcnn.train.cli import main
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # ~15% faster CPU steps (jaxcnn/_malloc.py)
     sys.exit(main(prog="imagefolder.py", description=__doc__, required=("data_dir",),
                   defaults=dict(model="resdensenet", image_size=224, recipe="seed004",
                                 dataset="imagefolder")))

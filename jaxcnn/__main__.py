@@ -54,4 +54,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    from jaxcnn import reexec_with_huge_pages
+    reexec_with_huge_pages()  # see jaxcnn/_malloc.py
     sys.exit(main())

@@ -176,9 +176,11 @@ class DenseBlock(nn.Module):
     `memory_efficient=True`): in training, a layer's concatenation, BatchNorms, ReLUs and
     bottleneck are recomputed in the backward pass, so the block stores only each layer's k new
     channels instead of a growing concatenation per layer (quadratic in depth). `None` (default)
-    turns it on for the CPU, where it is also faster: less memory traffic than the stored
-    concatenations (densenet_bc_100_12, batch 128: 30.6 -> 38.6 images/s, XLA buffers 6.6 ->
-    2.4 GB; see benchmarks/RESULTS.md); `ops.enabled(False)` turns that default off."""
+    turns it on for the CPU, where it halves a training step's memory (densenet_bc_100_12,
+    batch 128: XLA buffers 6.6 -> 2.4 GB, host peak 8.3 -> 4.5 GB, below PyTorch's 5.1). Its speed
+    depends on the pages: with 4 KiB pages it was also faster (30.6 -> 38.6 images/s), with huge
+    pages (jaxcnn/_malloc.py) storing is faster (52.0 vs 42.8); see benchmarks/RESULTS.md. Pass
+    `remat=False` for speed when memory allows; `ops.enabled(False)` turns the default off."""
     num_layers: int
     growth_rate: int
     bn_size: Optional[int] = 4

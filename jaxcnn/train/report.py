@@ -51,6 +51,7 @@ def environment() -> Dict[str, object]:
         "jaxlib": getattr(jax.lib, "__version__", None) or _version("jaxlib"),
         "flax": flax.__version__,
         "optax": optax.__version__,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # huge pages: jaxcnn/_malloc.py
         "orbax_checkpoint": _version("orbax-checkpoint") or getattr(orbax.checkpoint, "__version__", None),
     }
 
