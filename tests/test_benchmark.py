@@ -1,0 +1,26 @@
+"""benchmarks/throughput.py end to end on the smallest case (no speed is asserted: that is the
+benchmark's job). It keeps the worker processes, their round protocol and the report in working
+order."""
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_writes_a_row_with_both_frameworks(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--quick",
+                        "--models", "simple_cnn", "--batch-sizes", "8", "--precisions", "fp32",
+                        "--no-torch-compile", "--no-memory", "--devices", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    text = out.read_text()
+    row = next(l for l in text.splitlines() if l.startswith("| simple_cnn | 32 | 8 | fp32 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    number = re.compile(r"^[\d,]+\.\d$")
+    # compile s, train jaxcnn, plain ops, PyTorch eager: measured; PyTorch compiled: skipped
+    assert all(number.match(c) for c in (cells[5], cells[6], cells[7])), cells
+    assert cells[8] == "—" and re.match(r"^\d+\.\d\d$", cells[9]), cells
+    assert "failed" not in text
