@@ -14,8 +14,9 @@ framework runs in a process of its own (sharing one slowed XLA's steps by a thir
 another as a user would run it: warm-up, then timed rounds back to back; each figure is the median
 over rounds. `--alternate` makes the processes take turns instead, one round each, which cancels
 slow drifts of a noisy machine but skewed the figures on the project's VM (see _run_sides).
-Peak memory is measured in two more subprocesses, one per framework running only its training step (host peak
-RSS on a CPU; peak device memory on a GPU). Speed targets live here, never in the unit tests.
+Peak memory is measured in two more subprocesses, one per framework running only its training
+step (host peak RSS on a CPU; peak device memory on a GPU). Speed targets live here, never in the
+unit tests.
 """
 from __future__ import annotations
 
@@ -160,9 +161,7 @@ def _side_steps(a):
         train, infer = _torch_steps(a.model, a.batch, a.precision)
         return {"torch_train": train, "torch_infer": infer}, {}
     train, infer = _torch_steps(a.model, a.batch, a.precision, compiled=True)
-    t0 = time.perf_counter()
-    train(1); infer(1)  # inductor compiles here; it needs a C++ compiler
-    return {"torchc_train": train, "torchc_infer": infer}, {"torch_compile_s": time.perf_counter() - t0}
+    return {"torchc_train": train, "torchc_infer": infer}, {}  # compiled in the warm-up
 
 
 def worker_side(a) -> Dict:
@@ -171,8 +170,11 @@ def worker_side(a) -> Dict:
     resnet18_cifar step (b128) ran 59 instead of 90 img/s, and inductor's runtime slowed it ~20%."""
     try:
         fns, out = _side_steps(a)
+        t0 = time.perf_counter()
         for f in fns.values():  # warm-up: compilation, allocator and thread-pool start-up
             f(1)
+        if a.framework == "torchc":  # inductor compiles here (it needs a C++ compiler)
+            out["torch_compile_s"] = time.perf_counter() - t0
     except Exception as e:  # e.g. torch.compile without a C++ compiler: report, don't die
         return {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"}
     print("READY", flush=True)
@@ -265,32 +267,36 @@ def worker_pipeline(a) -> Dict:
 
 
 # ----------------------------------------------------------------------------- driver
+def _worker_cmd(args: List[str]) -> List[str]:
+    return [sys.executable, os.path.abspath(__file__), "--worker", *args]
+
+
+def _result(stdout: str, stderr: str) -> Dict:
+    """A worker's RESULT line, or {"error": the last line it wrote to stderr}."""
+    lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
+    if lines:
+        return json.loads(lines[-1][7:])
+    return {"error": (stderr.strip().splitlines() or ["no output"])[-1][:200]}
+
+
 def _run_worker(args: List[str], env=None) -> Dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-    if p.returncode != 0 or not lines:
-        return {"error": (p.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-    return json.loads(lines[-1][7:])
+    p = subprocess.run(_worker_cmd(args), capture_output=True, text=True, env=env)
+    return _result(p.stdout if p.returncode == 0 else "", p.stderr)
 
 
 def _start_side(args: List[str]):
-    """A `--worker side` process, warmed up; returns (process, stderr file) or (None, error)."""
+    """A warmed-up `--worker side` process: (process, stderr file), or (None, its result) if it
+    stopped before READY."""
     import tempfile
     err = tempfile.TemporaryFile(mode="w+")  # a pipe could fill up with warnings and block
-    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "side", *args],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+    p = subprocess.Popen(_worker_cmd(["side", *args]), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=err, text=True)
     line = p.stdout.readline()
     while line and not line.startswith(("READY", "RESULT ")):
         line = p.stdout.readline()
     if line.startswith("READY"):
         return p, err
-    p.wait()
-    err.seek(0)
-    res = json.loads(line[7:]) if line.startswith("RESULT ") else {}
-    msg = res.get("error") or ((err.read().strip().splitlines() or ["no output"])[-1])[:200]
-    err.close()
-    return None, msg
+    return None, _finish(p, err, stdout=line)
 
 
 def _round(p):
@@ -300,11 +306,13 @@ def _round(p):
         line = p.stdout.readline()
 
 
-def _finish(p, err) -> Dict:
-    res, _ = p.communicate("end\n")
+def _finish(p, err, stdout: str = "") -> Dict:
+    """Tell a side to stop and read its result (the medians, or its error)."""
+    rest, _ = p.communicate("end\n")
+    err.seek(0)
+    res = _result(stdout + rest, err.read())
     err.close()
-    lines = [l for l in res.splitlines() if l.startswith("RESULT ")]
-    return json.loads(lines[-1][7:]) if lines else {"error": "no result"}
+    return res
 
 
 def _run_sides(sides: List[List[str]], rounds: int, alternate: bool = False) -> Dict:
@@ -317,25 +325,30 @@ def _run_sides(sides: List[List[str]], rounds: int, alternate: bool = False) -> 
     b128, jaxcnn 87 img/s alone and 59 alternating with PyTorch; PyTorch 76 alone and 100
     alternating (the PyTorch process, idle, used no CPU; the cause was not found). A failed side
     reports "<framework>_error" and the others go on."""
-    out, live = {}, []
+    out = {}
+
+    def collect(fw, res):
+        out.update({(f"{fw}_error" if k == "error" else k): v for k, v in res.items()})
+
+    def run(group):
+        for _ in range(rounds):
+            for _, p, _ in group:
+                _round(p)
+        for fw, p, err in group:
+            collect(fw, _finish(p, err))
+
+    live = []
     for args in sides:
         fw = args[args.index("--framework") + 1]
         p, err = _start_side(args)
         if p is None:
-            out[f"{fw}_error"] = err
-        elif alternate:
-            live.append((fw, p, err))
-        else:
-            for _ in range(rounds):
-                _round(p)
-            res = _finish(p, err)
-            out.update({(f"{fw}_error" if k == "error" else k): v for k, v in res.items()})
-    for _ in range(rounds):
-        for _, p, _ in live:
-            _round(p)
-    for fw, p, err in live:
-        res = _finish(p, err)
-        out.update({(f"{fw}_error" if k == "error" else k): v for k, v in res.items()})
+            collect(fw, err)
+            continue
+        live.append((fw, p, err))
+        if not alternate:
+            run(live)
+            live = []
+    run(live)
     return out
 
 
@@ -369,7 +382,7 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     ap.add_argument("--batch-sizes", nargs="+", type=int, help="default: 32 128 (32 px), 8 32 (224 px)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (median reported)")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
     ap.add_argument("--steps", type=int, default=2, help="train steps per timed round (inference: 2x)")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--alternate", action="store_true",
@@ -411,8 +424,7 @@ def main(argv=None):
         a.rounds, a.steps, a.models = 1, 1, a.models[:1]
     command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     load_start = _loadavg()
-    common = (["--rounds", str(a.rounds), "--steps", str(a.steps)] + (["--skip-torch"] if a.skip_torch else [])
-              + ([] if a.torch_compile else ["--no-torch-compile"]) + ([] if a.plain_ops else ["--no-plain-ops"]))
+    common = ["--rounds", str(a.rounds), "--steps", str(a.steps)]  # devices and pipeline workers
     rows, mem_rows = [], []
     for name in a.models:
         size = jaxcnn.model_info(name).image_size

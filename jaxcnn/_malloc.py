@@ -23,7 +23,6 @@ from typing import Mapping, Optional
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
-_DONE = "_JAXCNN_MALLOC_REEXEC"   # set in the re-executed process: never loop
 
 
 def _glibc_ok() -> bool:
@@ -43,16 +42,17 @@ def _thp_available(path: str = _THP) -> bool:
 
 
 def wants_tunable(env: Mapping[str, str] = os.environ) -> bool:
-    """Whether adding the tunable would change anything (and the user has not opted out)."""
+    """Whether adding the tunable would change anything (and the user has not opted out). False
+    in the re-executed process, whose GLIBC_TUNABLES has it: the re-exec never loops."""
     return (sys.platform.startswith("linux") and not env.get("JAXCNN_KEEP_MALLOC")
             and "glibc.malloc.hugetlb" not in env.get("GLIBC_TUNABLES", "")
-            and not env.get(_DONE) and _glibc_ok() and _thp_available())
+            and _glibc_ok() and _thp_available())
 
 
 def env_with_tunable(env: Mapping[str, str]) -> dict:
     """`env` with TUNABLE appended to GLIBC_TUNABLES (colon-separated, as glibc expects)."""
     old = env.get("GLIBC_TUNABLES", "")
-    return dict(env, GLIBC_TUNABLES=f"{old}:{TUNABLE}" if old else TUNABLE, **{_DONE: "1"})
+    return dict(env, GLIBC_TUNABLES=f"{old}:{TUNABLE}" if old else TUNABLE)
 
 
 def reexec_with_huge_pages(argv: Optional[list] = None) -> None:

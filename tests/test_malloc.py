@@ -7,8 +7,7 @@ import pytest
 
 from jaxcnn import _malloc
 
-_CLEAN = {k: v for k, v in os.environ.items()
-          if k not in ("GLIBC_TUNABLES", "JAXCNN_KEEP_MALLOC", _malloc._DONE)}
+_CLEAN = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXCNN_KEEP_MALLOC")}
 needs_thp = pytest.mark.skipif(not _malloc.wants_tunable(_CLEAN),
                                reason="not Linux/glibc>=2.35 with transparent huge pages")
 
@@ -16,7 +15,7 @@ needs_thp = pytest.mark.skipif(not _malloc.wants_tunable(_CLEAN),
 def test_env_with_tunable_keeps_other_tunables_and_marks_the_run():
     env = _malloc.env_with_tunable({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "X": "1"})
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-    assert env["X"] == "1" and env[_malloc._DONE] == "1"
+    assert env["X"] == "1" and not _malloc.wants_tunable(env)  # the re-executed run stops there
     assert _malloc.env_with_tunable({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
 
 
@@ -25,7 +24,7 @@ def test_user_settings_and_the_marker_stop_the_reexec():
     assert _malloc.wants_tunable(_CLEAN)
     assert not _malloc.wants_tunable(dict(_CLEAN, JAXCNN_KEEP_MALLOC="1"))
     assert not _malloc.wants_tunable(dict(_CLEAN, GLIBC_TUNABLES="glibc.malloc.hugetlb=0"))
-    assert not _malloc.wants_tunable(dict(_CLEAN, **{_malloc._DONE: "1"}))
+    assert not _malloc.wants_tunable(_malloc.env_with_tunable(_CLEAN))
     assert not _malloc._thp_available("/nonexistent/thp")
 
 
