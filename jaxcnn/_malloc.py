@@ -13,9 +13,15 @@ glibc reads tunables once, when a process starts, so the training entry points
 the tunable added to GLIBC_TUNABLES. Importing jaxcnn never does this; in your own scripts, set
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in the environment. JAXCNN_KEEP_MALLOC=1 opts out; a
 hugetlb setting already in GLIBC_TUNABLES wins.
+
+Compiling a step leaves the heap with ~300 MB that the compiler (LLVM) freed but glibc keeps
+(resnet18_cifar's train step: 732 MB resident after compiling, 452 MB after `malloc_trim`).
+The step's own buffers are mmap'd fresh, so that memory is never reused and only raises the
+peak: `release_free_memory` hands it back; the training loop calls it after its first step.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import sys
@@ -70,3 +76,14 @@ def reexec_with_huge_pages(argv: Optional[list] = None) -> None:
         os.execve(sys.executable, [sys.executable, *argv[1:]], env_with_tunable(os.environ))
     except OSError:  # cannot exec (odd sandbox): run on with 4 KiB pages
         return
+
+
+def release_free_memory() -> bool:
+    """Return the heap's free memory to the OS (glibc `malloc_trim(0)`); True if any was.
+    A no-op returning False elsewhere. Cheap (a few ms), and safe while computations run."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -210,6 +210,14 @@ class DenseBlock(nn.Module):
         return jnp.concatenate(features, axis=-1)
 
 
+def recomputes(model: nn.Module) -> bool:
+    """Whether `model`'s training step recomputes dense-block activations in its backward pass
+    on the CPU (a `remat` field set to True, or None with `ops.DENSE_REMAT`). Models without a
+    `remat` field never do. See `jaxcnn._xla.train_compiler_options` for why it matters."""
+    remat = getattr(model, "remat", False)
+    return ops.on_cpu() and ((ops.DENSE_REMAT and remat is None) or remat is True)
+
+
 class Transition(nn.Module):
     """DenseNet transition: BN-ReLU-1x1 conv to `features` channels, then 2x2 average pool."""
     features: int

@@ -60,3 +60,22 @@ def test_the_tunable_cuts_page_faults_of_large_allocations():
     huge = faults(dict(_CLEAN, GLIBC_TUNABLES=_malloc.TUNABLE))
     assert plain > 60_000
     assert plain - huge > 40_000, (plain, huge)
+
+
+# 2,000 x 64 KiB blocks (below the mmap threshold: served from the heap), freed all but the last
+# (which pins the heap's top, so free() alone cannot shrink it), then release_free_memory().
+_TRIM = ("import ctypes, jaxcnn; libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p\n"
+         "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
+         "ps = [libc.malloc(1 << 16) for _ in range(2000)]\n"
+         "[ctypes.memset(p, 1, 1 << 16) for p in ps]\n"
+         "[libc.free(ctypes.c_void_p(p)) for p in ps[:-1]]\n"
+         "before = rss(); released = jaxcnn.release_free_memory(); print(before, rss(), released)")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim")
+def test_release_free_memory_returns_the_freed_heap_to_the_os():
+    before, after, released = subprocess.run(
+        [sys.executable, "-c", _TRIM], env=_CLEAN, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert released == "True"
+    assert int(before) - int(after) > 100, (before, after)  # of the ~125 MB freed

@@ -227,6 +227,17 @@ def test_remat_lowers_the_compiled_memory_of_a_train_step():
     assert temp_bytes(None) == remat  # the CPU default
 
 
+def test_recomputes_names_the_models_whose_dense_blocks_recompute(monkeypatch):
+    assert layers.recomputes(jaxcnn.create_model("densenet_bc_small"))  # remat=None on the CPU
+    assert layers.recomputes(jaxcnn.create_model("resdensenet_cifar", remat=True))
+    assert not layers.recomputes(jaxcnn.create_model("densenet_bc_small", remat=False))
+    assert not layers.recomputes(jaxcnn.create_model("resnet18_cifar"))
+    with ops.enabled(False):
+        assert not layers.recomputes(jaxcnn.create_model("densenet_bc_small"))
+    monkeypatch.setattr(ops, "on_cpu", lambda: False)  # off the CPU remat is jax.checkpoint
+    assert not layers.recomputes(jaxcnn.create_model("densenet_bc_small", remat=True))
+
+
 def test_features_and_intermediates():
     m = tiny("resnet18_cifar")
     x = jnp.ones((2, 32, 32, 3))

@@ -192,6 +192,18 @@ def _step_setup(precision="fp32", mesh=None, optimizer="adamw", **kw):
     return state, step, batch, counter
 
 
+def test_train_step_compiles_with_the_memory_optimized_scheduler_on_the_cpu():
+    # jaxcnn._xla.train_compiler_options: XLA:CPU's memory-optimized scheduler unless the model
+    # recomputes activations (then XLA's default). It must reach XLA and store less.
+    from jaxcnn import _xla
+    assert _xla.train_compiler_options(recomputes=True) == {}
+    temp = {}
+    for r in (False, True):
+        state, step, batch, _ = _step_setup(recomputes=r)
+        temp[r] = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+    assert temp[False] < 0.9 * temp[True], temp
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps_are_finite_with_f32_weights(precision):
     state, step, batch, counter = _step_setup(precision)

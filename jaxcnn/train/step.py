@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxcnn._xla import eval_compiler_options
+from jaxcnn._xla import eval_compiler_options, train_compiler_options
 from jaxcnn.train.optim import cross_entropy, smooth_labels
 from jaxcnn.train.precision import all_finite
 from jaxcnn.train.state import TrainState, data_sharded, replicated
@@ -39,8 +39,8 @@ def _micro_batches(x: jax.Array, k: int) -> jax.Array:
 
 def make_train_step(*, num_classes: int, mean: Sequence[float], std: Sequence[float], augment,
                     label_smoothing: float = 0.0, grad_accum_steps: int = 1, ema_decay: float = 0.0,
-                    compute_dtype=jnp.float32, mesh=None, counter: Optional[TraceCounter] = None
-                    ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict[str, jax.Array]]]:
+                    compute_dtype=jnp.float32, mesh=None, counter: Optional[TraceCounter] = None,
+                    recomputes: bool = False) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict[str, jax.Array]]]:
     """Returns `train_step(state, batch) -> (state, metrics)`, jitted with the state donated.
 
     Args:
@@ -52,6 +52,9 @@ def make_train_step(*, num_classes: int, mean: Sequence[float], std: Sequence[fl
       compute_dtype: dtype of activations; parameters stay float32.
       mesh: a ('data',) Mesh; the batch is sharded over it and the state replicated.
       counter: a TraceCounter to prove the step compiles once.
+      recomputes: the model recomputes activations in its backward pass
+        (`jaxcnn.layers.recomputes(model)`); picks XLA:CPU's scheduler (see
+        jaxcnn._xla.train_compiler_options).
 
     metrics (all scalars): loss (mean over the batch), correct, count, grad_norm, param_norm,
     update_norm, finite (bool: the step was applied), loss_scale.
@@ -126,9 +129,10 @@ def make_train_step(*, num_classes: int, mean: Sequence[float], std: Sequence[fl
                        loss_scale=state.loss_scale.scale)
         return new, metrics
 
+    opts = train_compiler_options(recomputes)
     if mesh is None:
-        return jax.jit(train_step, donate_argnums=0)
-    return jax.jit(train_step, donate_argnums=0,
+        return jax.jit(train_step, donate_argnums=0, compiler_options=opts)
+    return jax.jit(train_step, donate_argnums=0, compiler_options=opts,
                    in_shardings=(replicated(mesh), data_sharded(mesh)),
                    out_shardings=(replicated(mesh), replicated(mesh)))
 
