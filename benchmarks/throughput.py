@@ -477,13 +477,16 @@ def main(argv=None):
 
 
 def write_report(path, command, env, rows, mem_rows, dev_rows, pipe):
+    from jaxcnn import _xla
     L = ["# jaxcnn vs PyTorch: measured throughput", "",
          f"Command: `{command}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
          f"Machine: {env.get('cpu')}, {env.get('cpu_cores')} cores"
          + (f", GPU {env['gpu']}" if env.get("gpu") else ", no GPU") + f"; JAX platform {env.get('platform')}  ",
          f"Versions: jax {env.get('jax')}, jaxlib {env.get('jaxlib')}, flax {env.get('flax')}, "
          f"optax {env.get('optax')}, torch {env.get('torch')}, Python {env.get('python')}  ",
-         f"XLA_FLAGS (set by jaxcnn, see jaxcnn/_xla.py): `{os.environ.get('XLA_FLAGS', '')}`  ",
+         f"XLA_FLAGS (set by jaxcnn, see jaxcnn/_xla.py): `{os.environ.get('XLA_FLAGS', '')}`; per-jit "
+         f"options: train step `{_xla.train_compiler_options()}` (none for models that recompute), "
+         f"eval step `{_xla.eval_compiler_options()}`  ",
          f"GLIBC_TUNABLES (set by jaxcnn's entry points for both frameworks, see jaxcnn/_malloc.py): "
          f"`{os.environ.get('GLIBC_TUNABLES', '')}`  ",
          f"Load average (1/5/15 min): {env.get('load')}. PyTorch's OpenMP threads slow down far more "
