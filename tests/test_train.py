@@ -192,11 +192,16 @@ def _step_setup(precision="fp32", mesh=None, optimizer="adamw", **kw):
     return state, step, batch, counter
 
 
-def test_train_step_compiles_with_the_memory_optimized_scheduler_on_the_cpu():
+def test_train_step_compiles_with_the_memory_optimized_scheduler_on_the_cpu(monkeypatch):
     # jaxcnn._xla.train_compiler_options: XLA:CPU's memory-optimized scheduler unless the model
     # recomputes activations (then XLA's default). It must reach XLA and store less.
     from jaxcnn import _xla
     assert _xla.train_compiler_options(recomputes=True) == {}
+    with monkeypatch.context() as m:  # the user's own choices win
+        m.setenv("XLA_FLAGS", f"--{_xla.SCHEDULER_FLAG}=CPU_SCHEDULER_TYPE_DEFAULT")
+        assert _xla.train_compiler_options() == {}
+        m.delenv("XLA_FLAGS"); m.setenv("JAXCNN_KEEP_XLA_FLAGS", "1")
+        assert _xla.train_compiler_options() == {}
     temp = {}
     for r in (False, True):
         state, step, batch, _ = _step_setup(recomputes=r)

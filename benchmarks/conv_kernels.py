@@ -1,0 +1,140 @@
+"""The convolutions alone: XLA:CPU's kernels (what a jaxcnn step runs) against PyTorch's (oneDNN),
+shape by shape, for the 3x3 convolutions of resnet18_cifar and densenet_bc_100_12 at batch 128.
+
+    python benchmarks/conv_kernels.py                  # writes benchmarks/RESULTS-conv.md
+    python benchmarks/conv_kernels.py --rounds 3 --out /tmp/conv.md
+
+A whole training step also has BatchNorm, ReLU, adds, pooling and the optimizer, and there
+jaxcnn's fused elementwise work is cheaper than PyTorch's (see benchmarks/RESULTS.md). This
+script isolates the part the library cannot change: the convolution kernels. "inference" is one
+forward convolution; "training" is forward + input gradient + weight gradient of the same
+convolution (jaxcnn: `jaxcnn.ops.conv_general_dilated` under `jax.grad`, with the library's XLA
+flags; PyTorch: `nn.Conv2d` channels-last, `backward()`). Each framework runs in a process of its
+own, one after the other; every figure is the median over rounds. The per-model totals weight
+each shape by how often the model runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BATCH = 128
+# (model, in channels, out channels, input size, stride, times per step)
+SHAPES = [
+    ("resnet18_cifar", 3, 64, 32, 1, 1), ("resnet18_cifar", 64, 64, 32, 1, 4),
+    ("resnet18_cifar", 64, 128, 32, 2, 1), ("resnet18_cifar", 128, 128, 16, 1, 3),
+    ("resnet18_cifar", 128, 256, 16, 2, 1), ("resnet18_cifar", 256, 256, 8, 1, 3),
+    ("resnet18_cifar", 256, 512, 8, 2, 1), ("resnet18_cifar", 512, 512, 4, 1, 3),
+    ("densenet_bc_100_12", 48, 12, 32, 1, 16), ("densenet_bc_100_12", 48, 12, 16, 1, 16),
+    ("densenet_bc_100_12", 48, 12, 8, 1, 16),
+]
+
+
+def _median_ms(fn, rounds: int) -> float:
+    fn(); fn()  # compile / warm up
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def worker_jax(rounds: int):
+    import jax
+    import jax.numpy as jnp
+    from jaxcnn import _xla, ops
+
+    out = []
+    for _, ci, co, hw, s, _ in SHAPES:
+        x = jax.random.normal(jax.random.PRNGKey(0), (BATCH, hw, hw, ci))
+        w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, ci, co)) * 0.05
+        conv = lambda x, w: ops.conv_general_dilated(x, w, (s, s), ((1, 1), (1, 1)),
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        fwd = jax.jit(conv, compiler_options=_xla.eval_compiler_options())
+        grad = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) * 1.5), argnums=(0, 1)),
+                       compiler_options=_xla.train_compiler_options())
+        out.append(dict(infer=_median_ms(lambda: jax.block_until_ready(fwd(x, w)), rounds),
+                        train=_median_ms(lambda: jax.block_until_ready(grad(x, w)), rounds)))
+    return out
+
+
+def worker_torch(rounds: int):
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = []
+    for _, ci, co, hw, s, _ in SHAPES:
+        x = torch.randn(BATCH, ci, hw, hw).to(memory_format=torch.channels_last).requires_grad_()
+        conv = torch.nn.Conv2d(ci, co, 3, s, 1, bias=False).to(memory_format=torch.channels_last)
+
+        def infer():
+            with torch.no_grad():
+                conv(x)
+
+        def train():
+            (conv(x) * 1.5).sum().backward()
+
+        out.append(dict(infer=_median_ms(infer, rounds), train=_median_ms(train, rounds)))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS-conv.md"))
+    ap.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        print("RESULT " + json.dumps((worker_jax if a.worker == "jax" else worker_torch)(a.rounds)))
+        return 0
+    from throughput import machine
+
+    res = {}
+    for fw in ("jax", "torch"):
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", fw, "--rounds",
+                            str(a.rounds)], capture_output=True, text=True)
+        lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        if not lines:
+            sys.exit(f"the {fw} worker failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
+        res[fw] = json.loads(lines[-1][7:])
+    env = machine()
+    command = "python benchmarks/conv_kernels.py" + "".join(f" {x}" for x in (argv or sys.argv[1:]))
+    L = ["# Convolution kernels alone: XLA:CPU (jaxcnn) vs PyTorch (oneDNN)", "",
+         f"Command: `{command}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
+         f"Machine: {env.get('cpu')}, {env.get('cpu_cores')} cores; jax {env.get('jax')}, "
+         f"torch {env.get('torch')}  ",
+         f"XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`; GLIBC_TUNABLES: `{os.environ.get('GLIBC_TUNABLES', '')}`",
+         "", "Batch 128, fp32, 3x3 kernels, padding 1. ms per call, median of "
+         f"{a.rounds} rounds; ratio = PyTorch time / jaxcnn time (above 1: jaxcnn faster).", "",
+         "| model | conv | size | per step | infer jaxcnn | infer PyTorch | ratio | train jaxcnn | train PyTorch | ratio |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    totals = {}
+    for (model, ci, co, hw, s, n), j, t in zip(SHAPES, res["jax"], res["torch"]):
+        L.append(f"| {model} | {ci}->{co}{' /2' if s == 2 else ''} | {hw} | {n} | {j['infer']:.2f} | "
+                 f"{t['infer']:.2f} | {t['infer'] / j['infer']:.2f} | {j['train']:.2f} | {t['train']:.2f} | "
+                 f"{t['train'] / j['train']:.2f} |")
+        tot = totals.setdefault(model, np.zeros(4))
+        tot += n * np.array([j["infer"], t["infer"], j["train"], t["train"]])
+    L += ["", "Per model, every 3x3 convolution of one step (ms):", "",
+          "| model | infer jaxcnn | infer PyTorch | ratio | train jaxcnn | train PyTorch | ratio |",
+          "|---|---|---|---|---|---|---|"]
+    for model, (ji, ti, jt, tt) in totals.items():
+        L.append(f"| {model} | {ji:.0f} | {ti:.0f} | {ti / ji:.2f} | {jt:.0f} | {tt:.0f} | {tt / jt:.2f} |")
+    with open(a.out, "w") as f:
+        f.write("\n".join(L) + "\n")
+    print("\n".join(L))
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    import jaxcnn
+    jaxcnn.reexec_with_huge_pages()
+    sys.exit(main())
