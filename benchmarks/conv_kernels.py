@@ -3,6 +3,7 @@ shape by shape, for the 3x3 convolutions of resnet18_cifar and densenet_bc_100_1
 
     python benchmarks/conv_kernels.py                  # writes benchmarks/RESULTS-conv.md
     python benchmarks/conv_kernels.py --rounds 3 --out /tmp/conv.md
+    python benchmarks/conv_kernels.py --quick --out /tmp/conv.md    # smoke run: one small shape
 
 A whole training step also has BatchNorm, ReLU, adds, pooling and the optimizer, and there
 jaxcnn's fused elementwise work is cheaper than PyTorch's (see benchmarks/RESULTS.md). This
@@ -45,13 +46,13 @@ def _median_ms(fn, rounds: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-def worker_jax(rounds: int):
+def worker_jax(rounds: int, shapes):
     import jax
     import jax.numpy as jnp
     from jaxcnn import _xla, ops
 
     out = []
-    for _, ci, co, hw, s, _ in SHAPES:
+    for _, ci, co, hw, s, _ in shapes:
         x = jax.random.normal(jax.random.PRNGKey(0), (BATCH, hw, hw, ci))
         w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, ci, co)) * 0.05
         conv = lambda x, w: ops.conv_general_dilated(x, w, (s, s), ((1, 1), (1, 1)),
@@ -64,12 +65,12 @@ def worker_jax(rounds: int):
     return out
 
 
-def worker_torch(rounds: int):
+def worker_torch(rounds: int, shapes):
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
     out = []
-    for _, ci, co, hw, s, _ in SHAPES:
+    for _, ci, co, hw, s, _ in shapes:
         x = torch.randn(BATCH, ci, hw, hw).to(memory_format=torch.channels_last).requires_grad_()
         conv = torch.nn.Conv2d(ci, co, 3, s, 1, bias=False).to(memory_format=torch.channels_last)
 
@@ -88,17 +89,20 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS-conv.md"))
+    ap.add_argument("--quick", action="store_true", help="the smallest shape only, 1 round")
     ap.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    shapes = SHAPES[-1:] if a.quick else SHAPES
+    rounds = 1 if a.quick else a.rounds
     if a.worker:
-        print("RESULT " + json.dumps((worker_jax if a.worker == "jax" else worker_torch)(a.rounds)))
+        print("RESULT " + json.dumps((worker_jax if a.worker == "jax" else worker_torch)(rounds, shapes)))
         return 0
     from throughput import machine
 
     res = {}
     for fw in ("jax", "torch"):
         p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", fw, "--rounds",
-                            str(a.rounds)], capture_output=True, text=True)
+                            str(rounds)] + (["--quick"] if a.quick else []), capture_output=True, text=True)
         lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
         if not lines:
             sys.exit(f"the {fw} worker failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
@@ -111,11 +115,11 @@ def main(argv=None):
          f"torch {env.get('torch')}  ",
          f"XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`; GLIBC_TUNABLES: `{os.environ.get('GLIBC_TUNABLES', '')}`",
          "", "Batch 128, fp32, 3x3 kernels, padding 1. ms per call, median of "
-         f"{a.rounds} rounds; ratio = PyTorch time / jaxcnn time (above 1: jaxcnn faster).", "",
+         f"{rounds} rounds; ratio = PyTorch time / jaxcnn time (above 1: jaxcnn faster).", "",
          "| model | conv | size | per step | infer jaxcnn | infer PyTorch | ratio | train jaxcnn | train PyTorch | ratio |",
          "|---|---|---|---|---|---|---|---|---|---|"]
     totals = {}
-    for (model, ci, co, hw, s, n), j, t in zip(SHAPES, res["jax"], res["torch"]):
+    for (model, ci, co, hw, s, n), j, t in zip(shapes, res["jax"], res["torch"]):
         L.append(f"| {model} | {ci}->{co}{' /2' if s == 2 else ''} | {hw} | {n} | {j['infer']:.2f} | "
                  f"{t['infer']:.2f} | {t['infer'] / j['infer']:.2f} | {j['train']:.2f} | {t['train']:.2f} | "
                  f"{t['train'] / j['train']:.2f} |")

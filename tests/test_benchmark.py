@@ -24,3 +24,14 @@ def test_benchmark_writes_a_row_with_both_frameworks(tmp_path):
     assert all(number.match(c) for c in (cells[5], cells[6], cells[7])), cells
     assert cells[8] == "—" and re.match(r"^\d+\.\d\d$", cells[9]), cells
     assert "failed" not in text
+
+
+def test_conv_kernel_benchmark_writes_both_frameworks(tmp_path):
+    out = tmp_path / "conv.md"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "conv_kernels.py"), "--quick",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    row = next(l for l in out.read_text().splitlines() if l.startswith("| densenet_bc_100_12 | 48->12 | 8 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # infer jaxcnn, PyTorch, ratio, train jaxcnn, PyTorch, ratio: all measured numbers
+    assert all(re.match(r"^\d+\.\d\d$", c) for c in cells[4:10]), cells
