@@ -97,16 +97,15 @@ def main(argv=None):
     if a.worker:
         print("RESULT " + json.dumps((worker_jax if a.worker == "jax" else worker_torch)(rounds, shapes)))
         return 0
-    from throughput import machine
+    from throughput import _result, machine
 
     res = {}
     for fw in ("jax", "torch"):
         p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", fw, "--rounds",
                             str(rounds)] + (["--quick"] if a.quick else []), capture_output=True, text=True)
-        lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-        if not lines:
-            sys.exit(f"the {fw} worker failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
-        res[fw] = json.loads(lines[-1][7:])
+        res[fw] = _result(p.stdout if p.returncode == 0 else "", p.stderr)
+        if isinstance(res[fw], dict):  # {"error": ...}; a worker's result is a list of shapes
+            sys.exit(f"the {fw} worker failed: {res[fw]['error']}")
     env = machine()
     command = "python benchmarks/conv_kernels.py" + "".join(f" {x}" for x in (argv or sys.argv[1:]))
     L = ["# Convolution kernels alone: XLA:CPU (jaxcnn) vs PyTorch (oneDNN)", "",

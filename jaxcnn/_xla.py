@@ -28,10 +28,20 @@ def _jaxlib_version() -> tuple:
         return (0, 0)
 
 
-def _hands_off() -> bool:
-    """True when jaxcnn must leave YNNPACK settings alone: opted out, or the user set the flag."""
+def _hands_off(flag: str = YNN_FLAG) -> bool:
+    """True when jaxcnn must leave `flag` alone: opted out, or the user set it in XLA_FLAGS."""
     return bool(os.environ.get("JAXCNN_KEEP_XLA_FLAGS")) or \
-        YNN_FLAG in os.environ.get("XLA_FLAGS", "").replace(NO_YNN_CONV, "")
+        flag in os.environ.get("XLA_FLAGS", "").replace(NO_YNN_CONV, "")
+
+
+def _cpu_option(flag: str, value: str) -> dict:
+    """{flag: value} as a per-`jit` option when jaxcnn may set it: on the CPU backend, with a
+    jaxlib that knows the flag, and not left to the user (`_hands_off`); else {}."""
+    import jax
+
+    if _hands_off(flag) or _jaxlib_version() < (0, 10) or jax.default_backend() != "cpu":
+        return {}
+    return {flag: value}
 
 
 def configure_xla_cpu() -> bool:
@@ -56,11 +66,7 @@ def eval_compiler_options() -> dict:
     batch 32 ran 3,700 -> 6,900 images/s, resnet18_cifar at batch 128 207 -> 224.
     Empty (XLA defaults) off the CPU, with JAXCNN_KEEP_XLA_FLAGS=1, or when the user set the flag.
     """
-    import jax
-
-    if _hands_off() or _jaxlib_version() < (0, 10) or jax.default_backend() != "cpu":
-        return {}
-    return {YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    return _cpu_option(YNN_FLAG, "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
 
 
 def train_compiler_options(recomputes: bool = False) -> dict:
@@ -74,9 +80,4 @@ def train_compiler_options(recomputes: bool = False) -> dict:
     so those keep the default. Empty off the CPU, with JAXCNN_KEEP_XLA_FLAGS=1, or when the user
     chose a scheduler in XLA_FLAGS.
     """
-    import jax
-
-    if (recomputes or os.environ.get("JAXCNN_KEEP_XLA_FLAGS") or _jaxlib_version() < (0, 10)
-            or SCHEDULER_FLAG in os.environ.get("XLA_FLAGS", "") or jax.default_backend() != "cpu"):
-        return {}
-    return {SCHEDULER_FLAG: "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    return {} if recomputes else _cpu_option(SCHEDULER_FLAG, "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")

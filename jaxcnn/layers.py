@@ -169,6 +169,11 @@ def _recomputed_new_features(layer: DenseLayer, features: tuple, dropout_rng):
     return nn.custom_vjp(f, forward_fn=fwd, backward_fn=bwd)(layer, features)
 
 
+def _remat_on(remat: Optional[bool]) -> bool:
+    """A dense block's `remat` field resolved: None means on for the CPU (ops.DENSE_REMAT)."""
+    return (ops.DENSE_REMAT and ops.on_cpu()) if remat is None else bool(remat)
+
+
 class DenseBlock(nn.Module):
     """`num_layers` DenseLayers, each seeing every earlier feature map.
 
@@ -191,8 +196,7 @@ class DenseBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        remat = (ops.DENSE_REMAT and ops.on_cpu()) if self.remat is None else self.remat
-        remat = remat and train and not self.is_initializing()
+        remat = _remat_on(self.remat) and train and not self.is_initializing()
         # jax.checkpoint works off the CPU; on it, see _recomputed_new_features.
         # static_argnums counts `self` as 0: argument 2 is `train`.
         layer_cls = (nn.remat(DenseLayer, static_argnums=(2,), methods=["new_features"])
@@ -214,8 +218,9 @@ def recomputes(model: nn.Module) -> bool:
     """Whether `model`'s training step recomputes dense-block activations in its backward pass
     on the CPU (a `remat` field set to True, or None with `ops.DENSE_REMAT`). Models without a
     `remat` field never do. See `jaxcnn._xla.train_compiler_options` for why it matters."""
-    remat = getattr(model, "remat", False)
-    return ops.on_cpu() and ((ops.DENSE_REMAT and remat is None) or remat is True)
+    # On the CPU the recomputation is the fenced one (_recomputed_new_features); elsewhere
+    # nn.remat, which XLA's scheduler handles itself.
+    return ops.on_cpu() and _remat_on(getattr(model, "remat", False))
 
 
 class Transition(nn.Module):
