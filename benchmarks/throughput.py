@@ -11,9 +11,10 @@ update, state donated) and eval step, and the same architecture in PyTorch (jaxc
 parity tests' reference modules; eager and torch.compile'd, channels-last, AdamW, bf16 by CPU/CUDA
 autocast). In fp32 it also times jaxcnn with jaxcnn.ops switched off ("plain ops"). Each
 framework runs in a process of its own (sharing one slowed XLA's steps by a third), one after
-another as a user would run it: warm-up, then timed rounds back to back; each figure is the median
-over rounds. `--alternate` makes the processes take turns instead, one round each, which cancels
-slow drifts of a noisy machine but skewed the figures on the project's VM (see _run_sides).
+another as a user would run it: warm-up, then timed rounds back to back, all training rounds
+before the inference ones (as a training loop runs); each figure is the median over rounds.
+`--alternate` makes the processes take turns instead, one round each, which cancels slow drifts
+of a noisy machine but skewed the figures on the project's VM (see _run_sides).
 Peak memory is measured in two more subprocesses, one per framework running only its training
 step (host peak RSS on a CPU; peak device memory on a GPU). Speed targets live here, never in the
 unit tests.
@@ -166,10 +167,24 @@ def _side_steps(a):
     return {"torchc_train": train, "torchc_infer": infer}, {}  # compiled in the warm-up
 
 
+PHASES = ("train", "plain_train", "infer")  # the order in which a side's timed rounds run
+
+
+def _phase(key: str) -> str:
+    """"jax_plain_train" -> "plain_train": a timed function's key without its framework."""
+    return key.split("_", 1)[1]
+
+
 def worker_side(a) -> Dict:
     """One framework's steps, timed one round at a time when the parent says so (_run_sides).
     Each framework lives in a process of its own: with PyTorch in the same process, jaxcnn's
-    resnet18_cifar step (b128) ran 59 instead of 90 img/s, and inductor's runtime slowed it ~20%."""
+    resnet18_cifar step (b128) ran 59 instead of 90 img/s, and inductor's runtime slowed it ~20%.
+
+    Protocol: "phase <name>" runs one untimed step of that phase's function, then each "round"
+    times it alone. A training loop runs hundreds of steps between two evaluations; rounds that
+    mixed train and inference steps measured the transient after each switch instead (jaxcnn
+    resnet18_cifar b128: the first train step after 6 inference steps took 2.1-2.2 s instead of
+    1.3-1.6 s, 1.2-1.4 s of it in the kernel mapping fresh memory)."""
     try:
         fns, out = _side_steps(a)
         t0 = time.perf_counter()
@@ -179,14 +194,19 @@ def worker_side(a) -> Dict:
             out["torch_compile_s"] = time.perf_counter() - t0
     except Exception as e:  # e.g. torch.compile without a C++ compiler: report, don't die
         return {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"}
-    print("READY", flush=True)
+    print("READY " + " ".join(_phase(k) for k in fns), flush=True)
     times = {k: [] for k in fns}
+    key = None
     for line in sys.stdin:
-        if line.strip() != "round":
+        cmd = line.split()
+        if cmd[:1] == ["phase"]:
+            key = next(k for k in fns if _phase(k) == cmd[1])
+            fns[key](1)  # untimed: the switch from the previous phase
+        elif cmd == ["round"] and key is not None:
+            n = a.steps if "train" in key else 2 * a.steps
+            t = time.perf_counter(); fns[key](n); times[key].append(a.batch * n / (time.perf_counter() - t))
+        else:
             break
-        for k, f in fns.items():
-            n = a.steps if "train" in k else 2 * a.steps
-            t = time.perf_counter(); f(n); times[k].append(a.batch * n / (time.perf_counter() - t))
         print("DONE", flush=True)
     out.update({k: float(np.median(v)) for k, v in times.items() if v})
     return out
@@ -290,8 +310,8 @@ def _run_worker(args: List[str], env=None) -> Dict:
 
 
 def _start_side(args: List[str]):
-    """A warmed-up `--worker side` process: (process, stderr file), or (None, its result) if it
-    stopped before READY."""
+    """A warmed-up `--worker side` process: (process, stderr file, the phases it times), or
+    (None, its result, None) if it stopped before READY."""
     import tempfile
     err = tempfile.TemporaryFile(mode="w+")  # a pipe could fill up with warnings and block
     p = subprocess.Popen(_worker_cmd(["side", *args]), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -300,12 +320,15 @@ def _start_side(args: List[str]):
     while line and not line.startswith(("READY", "RESULT ")):
         line = p.stdout.readline()
     if line.startswith("READY"):
-        return p, err
-    return None, _finish(p, err, stdout=line)
+        return p, err, line.split()[1:]
+    return None, _finish(p, err, stdout=line), None
 
 
-def _round(p):
-    p.stdin.write("round\n"); p.stdin.flush()
+def _send(p, msg: str):
+    try:
+        p.stdin.write(msg + "\n"); p.stdin.flush()
+    except BrokenPipeError:  # the side died: _finish reports its error
+        return
     line = "?"
     while line and not line.startswith("DONE"):  # "" is EOF: the side died
         line = p.stdout.readline()
@@ -329,27 +352,32 @@ def _run_sides(sides: List[List[str]], rounds: int, alternate: bool = False) -> 
     of a noisy machine, but on the project's 2-core VM it skewed both frameworks: resnet18_cifar
     b128, jaxcnn 87 img/s alone and 59 alternating with PyTorch; PyTorch 76 alone and 100
     alternating (the PyTorch process, idle, used no CPU; the cause was not found). A failed side
-    reports "<framework>_error" and the others go on."""
+    reports "<framework>_error" and the others go on. Within a side, every round of one phase
+    (train, plain-ops train, inference) runs before the next phase starts (see worker_side)."""
     out = {}
 
     def collect(fw, res):
         out.update({(f"{fw}_error" if k == "error" else k): v for k, v in res.items()})
 
     def run(group):
-        for _ in range(rounds):
-            for _, p, _ in group:
-                _round(p)
-        for fw, p, err in group:
+        for phase in PHASES:
+            sides = [p for _, p, _, phases in group if phase in phases]
+            for p in sides:
+                _send(p, f"phase {phase}")
+            for _ in range(rounds):
+                for p in sides:
+                    _send(p, "round")
+        for fw, p, err, _ in group:
             collect(fw, _finish(p, err))
 
     live = []
     for args in sides:
         fw = args[args.index("--framework") + 1]
-        p, err = _start_side(args)
+        p, err, phases = _start_side(args)
         if p is None:
             collect(fw, err)
             continue
-        live.append((fw, p, err))
+        live.append((fw, p, err, phases))
         if not alternate:
             run(live)
             live = []
