@@ -525,7 +525,8 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe):
          "precision via autocast. Each framework (jaxcnn, PyTorch eager, PyTorch compiled) runs in a "
          "process of its own, " + ("the processes taking turns, one timed round each (--alternate). "
                                    if "--alternate" in command else
-                                   "one after another, its timed rounds back to back, as a user runs it. ")
+                                   ("one after another, its timed rounds back to back, as a user runs it: every "
+                                    "training round, with one untimed step first, before the inference rounds. "))
          + "(Sharing one process slowed jaxcnn's steps: resnet18_cifar b128 59 instead of 90 img/s with "
          "PyTorch eager beside it. Taking turns skewed both frameworks on this VM, jaxcnn down and PyTorch "
          "up; see `_run_sides` in the script.) \"plain ops\": jaxcnn traced with "
