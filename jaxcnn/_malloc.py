@@ -8,6 +8,14 @@ on the 2-core CPU (measured with getrusage). The glibc tunable `glibc.malloc.hug
 (glibc >= 2.35) makes malloc ask for transparent huge pages (2 MiB) instead: ~2,000 faults per
 step, and the step ran 68 -> 81 img/s. PyTorch's CPU allocator gains from it too (72 -> 93).
 
+Those buffers still come fresh from the kernel on every step (~3.9 GB of zeroed pages per
+resnet18_cifar step: XLA's 673 MB temporary and Eigen's im2col packing buffers, up to 302 MB
+each). They are allocated on worker threads, whose glibc arenas cannot hold more than 64 MB, so
+only `glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0` keeps them in a reusable heap. That
+removed the page faults but raised the peak RSS from 1.28 to 1.8-2.5 GB (strace shows the next
+step's temporary mapped while the last one is being unmapped, so a heap holds two), so it is not
+the default.
+
 glibc reads tunables once, when a process starts, so the training entry points
 (experiments/*.py, `python -m jaxcnn`, benchmarks/throughput.py) re-execute themselves once with
 the tunable added to GLIBC_TUNABLES. Importing jaxcnn never does this; in your own scripts, set
