@@ -194,13 +194,14 @@ def worker_side(a) -> Dict:
             out["torch_compile_s"] = time.perf_counter() - t0
     except Exception as e:  # e.g. torch.compile without a C++ compiler: report, don't die
         return {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"}
-    print("READY " + " ".join(_phase(k) for k in fns), flush=True)
+    by_phase = {_phase(k): k for k in fns}
+    print("READY " + " ".join(by_phase), flush=True)
     times = {k: [] for k in fns}
     key = None
     for line in sys.stdin:
         cmd = line.split()
         if cmd[:1] == ["phase"]:
-            key = next(k for k in fns if _phase(k) == cmd[1])
+            key = by_phase[cmd[1]]
             fns[key](1)  # untimed: the switch from the previous phase
         elif cmd == ["round"] and key is not None:
             n = a.steps if "train" in key else 2 * a.steps

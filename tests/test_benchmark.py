@@ -35,3 +35,12 @@ def test_conv_kernel_benchmark_writes_both_frameworks(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     # infer jaxcnn, PyTorch, ratio, train jaxcnn, PyTorch, ratio: all measured numbers
     assert all(re.match(r"^\d+\.\d\d$", c) for c in cells[4:10]), cells
+
+
+def test_step_breakdown_times_the_real_and_the_stand_in_step():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "step_breakdown.py"), "--quick"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {l.split("|")[1].strip(): l for l in p.stdout.splitlines() if l.startswith("| real") or l.startswith("| stand-in")}
+    assert set(rows) == {"real", "stand-in"}, p.stdout
+    assert "convolutions (real - stand-in, medians)" in p.stdout
