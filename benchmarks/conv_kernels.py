@@ -1,5 +1,7 @@
-"""The convolutions alone: XLA:CPU's kernels (what a jaxcnn step runs) against PyTorch's (oneDNN),
-shape by shape, for the 3x3 convolutions of resnet18_cifar and densenet_bc_100_12 at batch 128.
+"""The convolutions alone: what a jaxcnn step runs (oneDNN's direct kernels for the forward and the
+stride-1 input gradient, XLA's Eigen kernel for the weight gradient; see jaxcnn/onednn.py), XLA:CPU's
+own kernels (JAXCNN_ONEDNN=0) and PyTorch's (oneDNN), shape by shape, for the 3x3 convolutions of
+resnet18_cifar and densenet_bc_100_12 at batch 128.
 
     python benchmarks/conv_kernels.py                  # writes benchmarks/RESULTS-conv.md
     python benchmarks/conv_kernels.py --rounds 3 --out /tmp/conv.md
@@ -7,10 +9,10 @@ shape by shape, for the 3x3 convolutions of resnet18_cifar and densenet_bc_100_1
 
 A whole training step also has BatchNorm, ReLU, adds, pooling and the optimizer, and there
 jaxcnn's fused elementwise work is cheaper than PyTorch's (see benchmarks/RESULTS.md). This
-script isolates the part the library cannot change: the convolution kernels. "inference" is one
+script isolates the convolution kernels. "inference" is one
 forward convolution; "training" is forward + input gradient + weight gradient of the same
 convolution (jaxcnn: `jaxcnn.ops.conv_general_dilated` under `jax.grad`, with the library's XLA
-flags; PyTorch: `nn.Conv2d` channels-last, `backward()`). Each framework runs in a process of its
+flags; "XLA": the same with JAXCNN_ONEDNN=0; PyTorch: `nn.Conv2d` channels-last, `backward()`). Each framework runs in a process of its
 own, one after the other; every figure is the median over rounds. The per-model totals weight
 each shape by how often the model runs it.
 """
@@ -46,26 +48,27 @@ def _median_ms(fn, rounds: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-def worker_jax(rounds: int, shapes):
+def worker_jax(rounds: int, shapes, bf16: bool = False):
     import jax
     import jax.numpy as jnp
     from jaxcnn import _xla, ops
 
     out = []
     for _, ci, co, hw, s, _ in shapes:
-        x = jax.random.normal(jax.random.PRNGKey(0), (BATCH, hw, hw, ci))
-        w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, ci, co)) * 0.05
+        dtype = jnp.bfloat16 if bf16 else jnp.float32
+        x = jax.random.normal(jax.random.PRNGKey(0), (BATCH, hw, hw, ci), dtype)
+        w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, ci, co), dtype) * 0.05
         conv = lambda x, w: ops.conv_general_dilated(x, w, (s, s), ((1, 1), (1, 1)),
                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
         fwd = jax.jit(conv, compiler_options=_xla.eval_compiler_options())
-        grad = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) * 1.5), argnums=(0, 1)),
+        grad = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w).astype(jnp.float32) * 1.5), argnums=(0, 1)),
                        compiler_options=_xla.train_compiler_options())
         out.append(dict(infer=_median_ms(lambda: jax.block_until_ready(fwd(x, w)), rounds),
                         train=_median_ms(lambda: jax.block_until_ready(grad(x, w)), rounds)))
     return out
 
 
-def worker_torch(rounds: int, shapes):
+def worker_torch(rounds: int, shapes, bf16: bool = False):
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -75,11 +78,13 @@ def worker_torch(rounds: int, shapes):
         conv = torch.nn.Conv2d(ci, co, 3, s, 1, bias=False).to(memory_format=torch.channels_last)
 
         def infer():
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
                 conv(x)
 
         def train():
-            (conv(x) * 1.5).sum().backward()
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                y = conv(x)
+            (y.float() * 1.5).sum().backward()
 
         out.append(dict(infer=_median_ms(infer, rounds), train=_median_ms(train, rounds)))
     return out
@@ -91,44 +96,50 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS-conv.md"))
     ap.add_argument("--quick", action="store_true", help="the smallest shape only, 1 round")
     ap.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     a = ap.parse_args(argv)
     shapes = SHAPES[-1:] if a.quick else SHAPES
     rounds = 1 if a.quick else a.rounds
     if a.worker:
-        print("RESULT " + json.dumps((worker_jax if a.worker == "jax" else worker_torch)(rounds, shapes)))
+        worker = worker_jax if a.worker == "jax" else worker_torch
+        print("RESULT " + json.dumps(worker(rounds, shapes, a.precision == "bf16")))
         return 0
     from throughput import _result, machine
 
     res = {}
-    for fw in ("jax", "torch"):
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", fw, "--rounds",
-                            str(rounds)] + (["--quick"] if a.quick else []), capture_output=True, text=True)
+    for fw, worker, env in (("jax", "jax", {}), ("xla", "jax", {"JAXCNN_ONEDNN": "0"}), ("torch", "torch", {})):
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", worker, "--rounds",
+                            str(rounds), "--precision", a.precision] + (["--quick"] if a.quick else []),
+                           capture_output=True, text=True, env={**os.environ, **env})
         res[fw] = _result(p.stdout if p.returncode == 0 else "", p.stderr)
         if isinstance(res[fw], dict):  # {"error": ...}; a worker's result is a list of shapes
             sys.exit(f"the {fw} worker failed: {res[fw]['error']}")
     env = machine()
     command = "python benchmarks/conv_kernels.py" + "".join(f" {x}" for x in (argv or sys.argv[1:]))
-    L = ["# Convolution kernels alone: XLA:CPU (jaxcnn) vs PyTorch (oneDNN)", "",
+    L = ["# Convolution kernels alone: jaxcnn vs XLA:CPU's own vs PyTorch (oneDNN)", "",
          f"Command: `{command}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
          f"Machine: {env.get('cpu')}, {env.get('cpu_cores')} cores; jax {env.get('jax')}, "
          f"torch {env.get('torch')}  ",
          f"XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`; GLIBC_TUNABLES: `{os.environ.get('GLIBC_TUNABLES', '')}`",
-         "", "Batch 128, fp32, 3x3 kernels, padding 1. ms per call, median of "
-         f"{rounds} rounds; ratio = PyTorch time / jaxcnn time (above 1: jaxcnn faster).", "",
-         "| model | conv | size | per step | infer jaxcnn | infer PyTorch | ratio | train jaxcnn | train PyTorch | ratio |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         "", f"Batch 128, {a.precision}, 3x3 kernels, padding 1. ms per call, median of {rounds} rounds; "
+         "ratio = PyTorch time / jaxcnn time (above 1: jaxcnn faster). \"XLA\": jaxcnn with "
+         "JAXCNN_ONEDNN=0 (XLA's Eigen convolutions).", "",
+         "| model | conv | size | per step | infer jaxcnn | infer XLA | infer PyTorch | ratio "
+         "| train jaxcnn | train XLA | train PyTorch | ratio |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     totals = {}
-    for (model, ci, co, hw, s, n), j, t in zip(shapes, res["jax"], res["torch"]):
+    for (model, ci, co, hw, s, n), j, x, t in zip(shapes, res["jax"], res["xla"], res["torch"]):
         L.append(f"| {model} | {ci}->{co}{' /2' if s == 2 else ''} | {hw} | {n} | {j['infer']:.2f} | "
-                 f"{t['infer']:.2f} | {t['infer'] / j['infer']:.2f} | {j['train']:.2f} | {t['train']:.2f} | "
-                 f"{t['train'] / j['train']:.2f} |")
-        tot = totals.setdefault(model, np.zeros(4))
-        tot += n * np.array([j["infer"], t["infer"], j["train"], t["train"]])
+                 f"{x['infer']:.2f} | {t['infer']:.2f} | {t['infer'] / j['infer']:.2f} | {j['train']:.2f} | "
+                 f"{x['train']:.2f} | {t['train']:.2f} | {t['train'] / j['train']:.2f} |")
+        tot = totals.setdefault(model, np.zeros(6))
+        tot += n * np.array([j["infer"], x["infer"], t["infer"], j["train"], x["train"], t["train"]])
     L += ["", "Per model, every 3x3 convolution of one step (ms):", "",
-          "| model | infer jaxcnn | infer PyTorch | ratio | train jaxcnn | train PyTorch | ratio |",
-          "|---|---|---|---|---|---|---|"]
-    for model, (ji, ti, jt, tt) in totals.items():
-        L.append(f"| {model} | {ji:.0f} | {ti:.0f} | {ti / ji:.2f} | {jt:.0f} | {tt:.0f} | {tt / jt:.2f} |")
+          "| model | infer jaxcnn | infer XLA | infer PyTorch | ratio | train jaxcnn | train XLA "
+          "| train PyTorch | ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    for model, (ji, xi, ti, jt, xt, tt) in totals.items():
+        L.append(f"| {model} | {ji:.0f} | {xi:.0f} | {ti:.0f} | {ti / ji:.2f} | {jt:.0f} | {xt:.0f} | "
+                 f"{tt:.0f} | {tt / jt:.2f} |")
     with open(a.out, "w") as f:
         f.write("\n".join(L) + "\n")
     print("\n".join(L))

@@ -6,7 +6,8 @@
 
 Two variants of jaxcnn's own train step (benchmarks/throughput.py's `_jax_steps`), each in a
 process of its own: "real", and "stand-in", where every convolution that `jaxcnn.ops` computes
-with XLA's kernel (every k x k one; 1x1 ones are matmuls) is replaced by a strided slice of its
+with a convolution kernel (every k x k one, oneDNN's or XLA's, forward and gradients; 1x1 ones are
+matmuls) is replaced by a strided slice of its
 input, tiled to the output channels and scaled by one row of its weight: the same shapes and
 the same gradient plumbing (fences, BatchNorm, ReLU, adds, shortcuts, AdamW), nearly no
 convolution work. Per step: wall time (median and mean), CPU time in user and kernel mode, and
@@ -39,7 +40,9 @@ def _stand_in(x, w, strides, *_):
 def worker(a) -> dict:
     if a.worker == "stand-in":
         from jaxcnn import ops
-        ops._conv = _stand_in  # read when the step is traced
+        # read when the step is traced; the gradients are the stand-in's too
+        ops._conv = ops._xla_conv = _stand_in
+        ops.ONEDNN = False
     from throughput import _jax_steps
 
     train, _, _, _ = _jax_steps(a.model, a.batch, "fp32")

@@ -12,6 +12,8 @@ prove trivial (trip count and a factor of 1 read from the replicated weights at 
 copy of the input at all (DenseNet's bottlenecks read the whole concatenated block). Off the
 CPU it is plain `lax.conv_general_dilated`. Inference never sees a fence (it lives in the
 forward rule of the VJP, used only under differentiation).
+The forward convolution and the input gradient of a stride-1 convolution run on oneDNN's direct
+kernels where `jaxcnn.onednn` applies (jaxlib 0.10, one CPU device); the weight gradient is XLA's.
 
 Max-pooling. JAX differentiates `reduce_window(max)` through a variadic reduce-window that
 carries argmax indices; on XLA:CPU that gradient cost ~40% of a small CNN's training step.
@@ -30,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxcnn import onednn
+
 # Switches, read when a model is traced (so one process can compare both settings; see
 # `enabled`). JAXCNN_PLAIN_OPS=1 in the environment starts with all of them off.
 _PLAIN = os.environ.get("JAXCNN_PLAIN_OPS", "") not in ("", "0")
@@ -38,7 +42,8 @@ DOT_1X1 = not _PLAIN         # 1x1 convolutions as matmuls (CPU only)
 MAX_POOL_GRAD = not _PLAIN   # max-pool gradient from slices instead of select-and-scatter
 CUSTOM_BN = not _PLAIN       # closed-form BatchNorm gradient (jaxcnn.layers.norm)
 DENSE_REMAT = not _PLAIN     # dense blocks with remat=None recompute in training (CPU only)
-_SWITCHES = ("FENCES", "DOT_1X1", "MAX_POOL_GRAD", "CUSTOM_BN", "DENSE_REMAT")
+ONEDNN = not _PLAIN          # oneDNN direct convolutions where jaxcnn.onednn applies (CPU only)
+_SWITCHES = ("FENCES", "DOT_1X1", "MAX_POOL_GRAD", "CUSTOM_BN", "DENSE_REMAT", "ONEDNN")
 
 
 @contextlib.contextmanager
@@ -84,9 +89,16 @@ def _materialize(xs, w):
     return lax.while_loop(lambda c: c[0] < n, body, (jnp.int32(0), tuple(xs)))[1]
 
 
-def _conv(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups, precision):
+def _xla_conv(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups, precision):
     return lax.conv_general_dilated(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups,
                                     precision=precision)
+
+
+def _conv(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups, precision):
+    """The forward convolution: oneDNN's direct kernel where it applies, else XLA's."""
+    if ONEDNN and onednn.applies(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups):
+        return onednn.conv(x, w, strides, padding, dn)
+    return _xla_conv(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups, precision)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))
@@ -101,9 +113,16 @@ def _fenced_fwd(x, w, *static):
 
 def _fenced_bwd(*args):
     *static, (x, w), g = args
+    strides, padding, lhs_dil, rhs_dil, dn, groups, _ = static
     (g,) = _materialize((g,), w)
-    _, vjp = jax.vjp(lambda x, w: _conv(x, w, *static), x, w)
-    return vjp(g)
+    # The weight gradient is XLA's; the input gradient oneDNN's where it applies (see onednn).
+    dw = jax.vjp(lambda w: _xla_conv(x, w, *static), w)[1](g)[0]
+    dx = None
+    if ONEDNN and onednn.applies(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups):
+        dx = onednn.input_grad(g, w, x.shape, strides, padding, dn)
+    if dx is None:
+        dx = jax.vjp(lambda x: _xla_conv(x, w, *static), x)[1](g)[0]
+    return dx, dw
 
 
 _fenced_conv.defvjp(_fenced_fwd, _fenced_bwd)

@@ -284,9 +284,10 @@ def _ynn_convolutions(hlo: str) -> int:
 
 
 def test_eval_compiles_with_matmul_only_ynn_fusions(monkeypatch):
-    from jaxcnn import _xla
+    from jaxcnn import _xla, ops
     monkeypatch.delenv("JAXCNN_KEEP_XLA_FLAGS", raising=False)
     monkeypatch.setenv("XLA_FLAGS", _xla.NO_YNN_CONV)  # what jaxcnn itself sets
+    monkeypatch.setattr(ops, "ONEDNN", False)  # XLA's own convolutions, which YNNPACK can fuse
     opts = _xla.eval_compiler_options()
     assert opts == {_xla.YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
     # XLA accepts it, and the compiled forward of a CNN no longer runs convolutions in YNNPACK

@@ -1,0 +1,117 @@
+"""oneDNN convolutions (jaxcnn.onednn): same values and gradients as XLA's, used where they apply,
+XLA's everywhere else."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jaxcnn  # noqa: F401  (XLA flags before the backend starts)
+from jaxcnn import _xla, onednn, ops
+
+pytestmark = pytest.mark.skipif(
+    _xla._jaxlib_version() != (0, 10) or jax.default_backend() != "cpu" or jax.device_count() != 1,
+    reason="oneDNN convolutions are for jaxlib 0.10 on a single CPU device")
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _onednn_calls(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).compile().as_text().count(f'custom_call_target="{onednn.TARGET}"')
+
+
+def _pair(x_shape, w_shape, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.standard_normal(x_shape), dtype),
+            jnp.asarray(rng.standard_normal(w_shape) * 0.3, dtype))
+
+
+def test_probe_passes_here():
+    assert onednn.usable()
+
+
+# (input, kernel, strides, padding, oneDNN calls in value+grad: forward + input gradient if stride 1)
+CASES = [((4, 9, 9, 5), (3, 3, 5, 6), (1, 1), ((1, 1), (1, 1)), 2),
+         ((4, 9, 9, 5), (3, 3, 5, 6), (2, 2), ((1, 1), (1, 1)), 1),
+         ((2, 16, 16, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3)), 1),   # ImageNet stem
+         ((3, 8, 8, 4), (3, 3, 4, 4), (1, 1), "SAME", 2),
+         ((3, 8, 7, 4), (3, 3, 4, 4), (1, 1), "VALID", 2),
+         ((2, 6, 6, 4), (2, 2, 4, 3), (1, 1), ((0, 1), (1, 0)), 2)]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding,calls", CASES)
+def test_values_and_gradients_match_xla(x_shape, w_shape, strides, padding, calls):
+    x, w = _pair(x_shape, w_shape)
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w, strides, padding, dimension_numbers=NHWC)))
+
+    mine, ref = loss(ops.conv_general_dilated), loss(lax.conv_general_dilated)
+    np.testing.assert_allclose(jax.jit(mine)(x, w), ref(x, w), rtol=1e-5, atol=1e-4)
+    for a, b in zip(jax.jit(jax.grad(mine, (0, 1)))(x, w), jax.grad(ref, (0, 1))(x, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert _onednn_calls(jax.grad(mine, (0, 1)), x, w) == calls
+    with ops.enabled(False):  # the switch turns it off
+        assert _onednn_calls(jax.grad(mine, (0, 1)), x, w) == 0
+
+
+def test_other_dimension_orders():
+    # NCHW input and OIHW kernel: the config carries the dims, no transposes needed.
+    x, w = _pair((2, 5, 9, 8), (6, 5, 3, 3))
+    dn = ("NCHW", "OIHW", "NCHW")
+    got = jax.jit(lambda x, w: ops.conv_general_dilated(x, w, (1, 2), ((1, 1), (0, 2)), dimension_numbers=dn))(x, w)
+    np.testing.assert_allclose(got, lax.conv_general_dilated(x, w, (1, 2), ((1, 1), (0, 2)), dimension_numbers=dn),
+                               rtol=1e-5, atol=1e-4)
+    assert _onednn_calls(lambda x, w: ops.conv_general_dilated(x, w, (1, 2), ((1, 1), (0, 2)),
+                                                               dimension_numbers=dn), x, w) == 1
+
+
+def test_bf16_forward_and_gradient():
+    x, w = _pair((4, 8, 8, 16), (3, 3, 16, 8), jnp.bfloat16)
+    f = lambda x, w: jnp.sum(ops.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+                             .astype(jnp.float32) ** 2)
+    r = lambda x, w: jnp.sum(lax.conv_general_dilated(x.astype(jnp.float32), w.astype(jnp.float32), (1, 1),
+                                                      "SAME", dimension_numbers=NHWC) ** 2)
+    assert _onednn_calls(jax.grad(f, (0, 1)), x, w) == 2
+    np.testing.assert_allclose(jax.jit(f)(x, w), r(x, w), rtol=2e-2)
+    for a, b in zip(jax.jit(jax.grad(f, (0, 1)))(x, w), jax.grad(r, (0, 1))(x, w)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=5e-2, atol=5e-1)
+
+
+@pytest.mark.parametrize("kw", [dict(feature_group_count=2), dict(rhs_dilation=(2, 2))])
+def test_unsupported_convolutions_stay_on_xla(kw):
+    x, w = _pair((2, 8, 8, 4), (3, 3, 2 if kw.get("feature_group_count") else 4, 6))
+    f = lambda x, w: ops.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC, **kw)
+    assert _onednn_calls(f, x, w) == 0
+    np.testing.assert_allclose(jax.jit(f)(x, w), lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=NHWC, **kw), rtol=1e-5, atol=1e-4)
+
+
+def test_vmap_falls_back_to_xla():
+    x, w = _pair((3, 2, 8, 8, 4), (3, 3, 4, 5))
+    conv = lambda x: onednn.conv(x, w, (1, 1), ((1, 1), (1, 1)), lax.conv_dimension_numbers(x.shape, w.shape, NHWC))
+    ref = lambda x: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+    np.testing.assert_allclose(jax.jit(jax.vmap(conv))(x), jax.vmap(ref)(x), rtol=1e-5, atol=1e-4)
+
+
+def test_model_logits_match_with_and_without(make_variables):
+    model = jaxcnn.create_model("resnet18_cifar", num_classes=10)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    v = make_variables(model, x.shape)
+    fwd = lambda v, x: model.apply(v, x, train=False)
+    assert _onednn_calls(fwd, v, x) > 0
+    with ops.enabled(False):
+        ref = jax.jit(fwd)(v, x)
+    np.testing.assert_allclose(jax.jit(fwd)(v, x), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("env", [{"JAXCNN_ONEDNN": "0"},
+                                 {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}])
+def test_off_when_switched_off_or_several_devices(env):
+    code = "import jaxcnn, jax; from jaxcnn import onednn; print(onednn.usable())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **env})
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
