@@ -32,9 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax._src import core, dispatch
-from jax._src.interpreters import batching, mlir
 from jax.extend import core as jex_core
+from jax.interpreters import batching, mlir
+
+try:  # not public API: with a jax that lacks it, the convolutions stay XLA's
+    from jax._src.interpreters.mlir import custom_call as _custom_call
+except ImportError:  # pragma: no cover
+    _custom_call = None
 
 TARGET = "__onednn$convolution"
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -62,21 +66,22 @@ def _xla_conv(x, w, *, strides, pads, dn):
 
 
 _conv_p = jex_core.Primitive("jaxcnn_onednn_conv")
-_conv_p.def_impl(functools.partial(dispatch.apply_primitive, _conv_p))
+# Outside a trace, bind compiles the call like any jitted function.
+_conv_p.def_impl(lambda x, w, **params: jax.jit(functools.partial(_conv_p.bind, **params))(x, w))
 
 
 @_conv_p.def_abstract_eval
 def _abstract(x, w, *, strides, pads, dn):
     out = jax.eval_shape(functools.partial(_xla_conv, strides=strides, pads=pads, dn=dn), x, w)
-    return core.ShapedArray(out.shape, out.dtype)
+    return jax.core.ShapedArray(out.shape, out.dtype)
 
 
 def _lower(ctx, x, w, *, strides, pads, dn):
     rhs_shape = ctx.avals_in[1].shape
     window = [rhs_shape[d] for d in dn.rhs_spec[2:]]
     out_type = mlir.aval_to_ir_type(ctx.module_context, ctx.avals_out[0])
-    return mlir.custom_call(TARGET, result_types=[out_type], operands=[x, w], api_version=1,
-                            backend_config=_backend_config(dn, window, pads, strides)).results
+    return _custom_call(TARGET, result_types=[out_type], operands=[x, w], api_version=1,
+                        backend_config=_backend_config(dn, window, pads, strides)).results
 
 
 mlir.register_lowering(_conv_p, _lower, platform="cpu")
@@ -143,7 +148,8 @@ def usable() -> bool:
     (the config encoding is that release's), one device, and the probe agrees with XLA."""
     if os.environ.get("JAXCNN_ONEDNN", "1") in ("0", "false", "False"):
         return False
-    if _jaxlib_version()[:2] != (0, 10) or jax.default_backend() != "cpu" or jax.device_count() != 1:
+    if (_custom_call is None or _jaxlib_version()[:2] != (0, 10) or jax.default_backend() != "cpu"
+            or jax.device_count() != 1):
         return False
     # The probe runs eagerly even when `usable` is first asked while a step is being traced.
     try:
