@@ -16,10 +16,13 @@ convolution of the cotangent with the flipped kernel). Weight gradients stay on 
 convolution their window is the whole image, and oneDNN's kernels for that ran for minutes.
 
 When: 2-D, feature_group_count 1, no dilation, padding >= 0, f32 or bf16 operands of one dtype,
-on the CPU backend of jaxlib 0.10.x with a single device (XLA's SPMD partitioner does not know
-the custom call and would replicate it over devices), and only after a probe (one small strided,
-padded convolution compared with XLA's) passed in this process. JAXCNN_ONEDNN=0 turns it off;
-`jaxcnn.ops.enabled(False)` too. Under `jax.vmap` the convolution falls back to XLA's.
+on the CPU backend of jaxlib 0.10.x, and only after a probe (one small strided, padded convolution
+compared with XLA's) passed in this process. JAXCNN_ONEDNN=0 turns it off; `jaxcnn.ops.enabled(False)`
+too. Under `jax.vmap` the convolution falls back to XLA's (with several devices, only when vmap is
+applied inside the jit, the usual order). With several devices the call is wrapped
+in `custom_partitioning` (XLA's partitioner does not know it and would replicate it): each device
+convolves its own shard of the batch, with the kernel replicated; any other sharding of the
+operands is gathered first.
 """
 from __future__ import annotations
 
@@ -32,13 +35,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
+from jax.sharding import NamedSharding, PartitionSpec
 
-try:  # not public API: with a jax that lacks it, the convolutions stay XLA's
+try:  # not public API: with a jax that lacks them, the convolutions stay XLA's
+    from jax._src.interpreters.batching import BatchTracer as _BatchTracer
     from jax._src.interpreters.mlir import custom_call as _custom_call
 except ImportError:  # pragma: no cover
-    _custom_call = None
+    _custom_call = _BatchTracer = None
 
 TARGET = "__onednn$convolution"
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -95,6 +101,46 @@ def _batch(args, dims, **params):
 batching.primitive_batchers[_conv_p] = _batch
 
 
+@functools.lru_cache(maxsize=None)
+def _partitioned(dn: lax.ConvDimensionNumbers):
+    """The custom call as a `custom_partitioning` function for several devices: the batch axis
+    of the input and output may be sharded; everything else is replicated."""
+    lhs, rhs, out = dn
+
+    @functools.partial(custom_partitioning, static_argnums=(2, 3))
+    def conv(x, w, strides, pads):
+        return _conv_p.bind(x, w, strides=strides, pads=pads, dn=dn)
+
+    def batch_axis(arg_shapes):  # the mesh axis (or axes) of the input's batch dimension
+        sh = arg_shapes[0].sharding
+        spec = tuple(sh.spec) if isinstance(sh, NamedSharding) else ()
+        return spec[lhs[0]] if lhs[0] < len(spec) else None
+
+    def spec(batch_dim, axis, rank):
+        return PartitionSpec(*[axis if d == batch_dim else None for d in range(rank)])
+
+    def infer(strides, pads, mesh, arg_shapes, result_shape):
+        return NamedSharding(mesh, spec(out[0], batch_axis(arg_shapes), len(out)))
+
+    def partition(strides, pads, mesh, arg_shapes, result_shape):
+        axis, rank = batch_axis(arg_shapes), len(lhs)
+        local = lambda x, w: _conv_p.bind(x, w, strides=strides, pads=pads, dn=dn)
+        return (mesh, local, NamedSharding(mesh, spec(out[0], axis, rank)),
+                (NamedSharding(mesh, spec(lhs[0], axis, rank)), NamedSharding(mesh, PartitionSpec())))
+
+    # Shardy's rule: one factor per dimension; only the batch ("n") may stay sharded.
+    names = [None] * (3 * len(lhs))
+    for base, dims, labels in ((0, lhs, "nchw"), (len(lhs), rhs, "ockl"), (2 * len(lhs), out, "noij")):
+        for d, label in zip(dims, labels):
+            names[base + d] = label
+    r = len(lhs)
+    rule = f"{' '.join(names[:r])}, {' '.join(names[r:2 * r])} -> {' '.join(names[2 * r:])}"
+    order = list(dict.fromkeys(names))  # factor order of first appearance, as Shardy wants
+    conv.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                       need_replication_factors=tuple(f for f in order if f != "n"))
+    return conv
+
+
 def _pads(x_shape, w_shape, strides, padding, dn):
     if isinstance(padding, str):
         spatial = [x_shape[d] for d in dn.lhs_spec[2:]]
@@ -117,8 +163,13 @@ def applies(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups) -> bool:
 def conv(x, w, strides, padding, dn):
     """`lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)` by oneDNN.
     Call only where `applies` is true."""
-    return _conv_p.bind(x, w, strides=tuple(strides), dn=dn,
-                        pads=_pads(x.shape, w.shape, strides, padding, dn))
+    strides, pads = tuple(strides), _pads(x.shape, w.shape, strides, padding, dn)
+    if jax.device_count() > 1:
+        if isinstance(x, _BatchTracer) or isinstance(w, _BatchTracer):
+            # custom_partitioning has no batching rule: under vmap, XLA's convolution
+            return _xla_conv(x, w, strides=strides, pads=pads, dn=dn)
+        return _partitioned(dn)(x, w, strides, pads)
+    return _conv_p.bind(x, w, strides=strides, pads=pads, dn=dn)
 
 
 def input_grad(g, w, x_shape, strides, padding, dn):
@@ -145,11 +196,10 @@ def _jaxlib_version() -> tuple:
 @functools.lru_cache(maxsize=None)
 def usable() -> bool:
     """oneDNN convolutions are on in this process: not switched off, CPU backend, jaxlib 0.10.x
-    (the config encoding is that release's), one device, and the probe agrees with XLA."""
+    (the config encoding is that release's), and the probe agrees with XLA."""
     if os.environ.get("JAXCNN_ONEDNN", "1") in ("0", "false", "False"):
         return False
-    if (_custom_call is None or _jaxlib_version()[:2] != (0, 10) or jax.default_backend() != "cpu"
-            or jax.device_count() != 1):
+    if _custom_call is None or _jaxlib_version()[:2] != (0, 10) or jax.default_backend() != "cpu":
         return False
     # The probe runs eagerly even when `usable` is first asked while a step is being traced.
     try:
@@ -159,7 +209,7 @@ def usable() -> bool:
             w = jnp.asarray(rng.standard_normal((3, 2, 3, 5)), jnp.float32)
             dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
             params = dict(strides=(2, 1), pads=((1, 0), (0, 1)), dn=dn)
-            got = jax.jit(lambda x, w: _conv_p.bind(x, w, **params))(x, w)
+            got = jax.jit(lambda x, w: conv(x, w, params["strides"], params["pads"], dn))(x, w)
             want = _xla_conv(x, w, **params)
             ok = got.shape == want.shape and bool(jnp.allclose(got, want, rtol=1e-4, atol=1e-4))
     except Exception as e:  # an XLA that rejects the custom call: stay on XLA's convolutions
