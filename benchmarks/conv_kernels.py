@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -104,14 +103,12 @@ def main(argv=None):
         worker = worker_jax if a.worker == "jax" else worker_torch
         print("RESULT " + json.dumps(worker(rounds, shapes, a.precision == "bf16")))
         return 0
-    from throughput import _result, machine
+    from throughput import _run_worker, machine
 
     res = {}
     for fw, worker, env in (("jax", "jax", {}), ("xla", "jax", {"JAXCNN_ONEDNN": "0"}), ("torch", "torch", {})):
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", worker, "--rounds",
-                            str(rounds), "--precision", a.precision] + (["--quick"] if a.quick else []),
-                           capture_output=True, text=True, env={**os.environ, **env})
-        res[fw] = _result(p.stdout if p.returncode == 0 else "", p.stderr)
+        res[fw] = _run_worker([worker, "--rounds", str(rounds), "--precision", a.precision]
+                              + (["--quick"] if a.quick else []), {**os.environ, **env}, __file__)
         if isinstance(res[fw], dict):  # {"error": ...}; a worker's result is a list of shapes
             sys.exit(f"the {fw} worker failed: {res[fw]['error']}")
     env = machine()

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
@@ -71,13 +70,12 @@ def main(argv=None):
     if a.worker:
         print("RESULT " + json.dumps(worker(a)), flush=True)
         return 0
-    from throughput import _result
+    from throughput import _run_worker
 
     rows = {}
     for v in ("real", "stand-in"):
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", v, "--model", a.model,
-                            "--batch", str(a.batch), "--steps", str(a.steps)], capture_output=True, text=True)
-        rows[v] = _result(p.stdout if p.returncode == 0 else "", p.stderr)
+        rows[v] = _run_worker([v, "--model", a.model, "--batch", str(a.batch), "--steps", str(a.steps)],
+                              script=__file__)
         if "error" in rows[v]:
             sys.exit(f"the {v} worker failed: {rows[v]['error']}")
     print(f"{a.model}, batch {a.batch}, fp32, {a.steps} steps per variant; "

@@ -293,8 +293,8 @@ def worker_pipeline(a) -> Dict:
 
 
 # ----------------------------------------------------------------------------- driver
-def _worker_cmd(args: List[str]) -> List[str]:
-    return [sys.executable, os.path.abspath(__file__), "--worker", *args]
+def _worker_cmd(args: List[str], script: str = __file__) -> List[str]:
+    return [sys.executable, os.path.abspath(script), "--worker", *args]
 
 
 def _result(stdout: str, stderr: str) -> Dict:
@@ -305,8 +305,9 @@ def _result(stdout: str, stderr: str) -> Dict:
     return {"error": (stderr.strip().splitlines() or ["no output"])[-1][:200]}
 
 
-def _run_worker(args: List[str], env=None) -> Dict:
-    p = subprocess.run(_worker_cmd(args), capture_output=True, text=True, env=env)
+def _run_worker(args: List[str], env=None, script: str = __file__) -> Dict:
+    """`script --worker ARGS` in a process of its own: its RESULT, or {"error": ...}."""
+    p = subprocess.run(_worker_cmd(args, script), capture_output=True, text=True, env=env)
     return _result(p.stdout if p.returncode == 0 else "", p.stderr)
 
 

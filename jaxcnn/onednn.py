@@ -40,6 +40,8 @@ from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxcnn._xla import _jaxlib_version
+
 try:  # not public API: with a jax that lacks them, the convolutions stay XLA's
     from jax._src.interpreters.batching import BatchTracer as _BatchTracer
     from jax._src.interpreters.mlir import custom_call as _custom_call
@@ -186,11 +188,6 @@ def input_grad(g, w, x_shape, strides, padding, dn):
     rhs = dn.rhs_spec
     grad_dn = lax.ConvDimensionNumbers(dn.out_spec, (rhs[1], rhs[0], *rhs[2:]), dn.lhs_spec)
     return conv(g, lax.rev(w, tuple(rhs[2:])), (1,) * len(window), grad_pads, grad_dn)
-
-
-def _jaxlib_version() -> tuple:
-    from jaxcnn._xla import _jaxlib_version as v
-    return v()
 
 
 @functools.lru_cache(maxsize=None)

@@ -94,9 +94,13 @@ def _xla_conv(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups, precision):
                                     precision=precision)
 
 
+def _on_onednn(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups, precision) -> bool:
+    return ONEDNN and onednn.applies(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups)
+
+
 def _conv(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups, precision):
     """The forward convolution: oneDNN's direct kernel where it applies, else XLA's."""
-    if ONEDNN and onednn.applies(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups):
+    if _on_onednn(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups, precision):
         return onednn.conv(x, w, strides, padding, dn)
     return _xla_conv(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups, precision)
 
@@ -113,12 +117,12 @@ def _fenced_fwd(x, w, *static):
 
 def _fenced_bwd(*args):
     *static, (x, w), g = args
-    strides, padding, lhs_dil, rhs_dil, dn, groups, _ = static
+    strides, padding, _, _, dn, _, _ = static
     (g,) = _materialize((g,), w)
     # The weight gradient is XLA's; the input gradient oneDNN's where it applies (see onednn).
     dw = jax.vjp(lambda w: _xla_conv(x, w, *static), w)[1](g)[0]
     dx = None
-    if ONEDNN and onednn.applies(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups):
+    if _on_onednn(x, w, *static):
         dx = onednn.input_grad(g, w, x.shape, strides, padding, dn)
     if dx is None:
         dx = jax.vjp(lambda x: _xla_conv(x, w, *static), x)[1](g)[0]
