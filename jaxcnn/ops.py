@@ -18,8 +18,9 @@ kernels where `jaxcnn.onednn` applies (jaxlib 0.10 on the CPU); the weight gradi
 Max-pooling. JAX differentiates `reduce_window(max)` through a variadic reduce-window that
 carries argmax indices; on XLA:CPU that gradient cost ~40% of a small CNN's training step.
 `max_pool` here has the same forward (XLA's reduce-window) and a hand-written gradient made of
-strided slices, compares and pads, which XLA fuses into one elementwise loop. Same values and
-same gradient (ties go to the first maximum) as `flax.linen.max_pool`.
+strided slices, compares and pads, which XLA fuses into one elementwise loop (for windows that
+tile the image, 2x2 pools, from reshapes and the index of each window's first maximum). Same
+values and same gradient (ties go to the first maximum) as `flax.linen.max_pool`.
 """
 from __future__ import annotations
 
@@ -210,6 +211,8 @@ def _max_pool_bwd(window, stride, padding, res, g):
     # output, and the cotangent scattered back by an interior-padded `lax.pad`. All elementwise,
     # so XLA fuses the whole gradient into one loop.
     x, y = res
+    if window == stride and padding == 0:
+        return (_tiled_max_pool_bwd(x, y, g, stride),)
     n, _, _, c = x.shape
     p = ((0, 0), (padding, padding), (padding, padding), (0, 0))
     xp = jnp.pad(x, p, constant_values=-jnp.inf) if padding else x
@@ -229,6 +232,27 @@ def _max_pool_bwd(window, stride, padding, res, g):
             dxp = part if dxp is None else dxp + part
     dx = dxp[:, padding:hp - padding, padding:wp - padding] if padding else dxp
     return (dx,)
+
+
+def _tiled_max_pool_bwd(x, y, g, s: int):
+    """The gradient when the windows tile the image (window == stride, no padding; the 2x2
+    pools): the index of each window's first maximum, then the cotangent broadcast over the
+    window where the tap index matches. Views by reshape, no pads: the general loop above
+    evaluates x (and whatever XLA fused into it: conv bias, BatchNorm, ReLU) once per tap and
+    output element, which cost simple_cnn's step 10 of its 45 ms at batch 128."""
+    n, h, w, c = x.shape
+    ho, wo = y.shape[1:3]
+    xw = x[:, :ho * s, :wo * s].reshape(n, ho, s, wo, s, c)
+    first = jnp.full(y.shape, s * s, jnp.int32)  # no tap matched (NaN windows): no gradient
+    for t in reversed(range(s * s)):
+        first = jnp.where(xw[:, :, t // s, :, t % s] == y, t, first)
+    taps = lax.broadcasted_iota(jnp.int32, (1, 1, s, 1, s, 1), 2) * s + \
+        lax.broadcasted_iota(jnp.int32, (1, 1, s, 1, s, 1), 4)
+    dx = jnp.where(taps == first[:, :, None, :, None], g[:, :, None, :, None], jnp.zeros((), g.dtype))
+    dx = dx.reshape(n, ho * s, wo * s, c)
+    if (h, w) != (ho * s, wo * s):  # floor mode: rows and columns past the last window
+        dx = jnp.pad(dx, ((0, 0), (0, h - ho * s), (0, w - wo * s), (0, 0)))
+    return dx
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
