@@ -202,9 +202,14 @@ def worker_side(a) -> Dict:
         cmd = line.split()
         if cmd[:1] == ["phase"]:
             key = by_phase[cmd[1]]
+            t = time.perf_counter()
             fns[key](1)  # untimed: the switch from the previous phase
-        elif cmd == ["round"] and key is not None:
+            # Steps per round: at least --steps (2x for inference), and enough for a round of
+            # --min-round-s, so that a small model's round is not a few 30 ms steps, where one
+            # late thread wake-up moves the figure by a third.
             n = a.steps if "train" in key else 2 * a.steps
+            n = max(n, int(np.ceil(a.min_round_s / max(time.perf_counter() - t, 1e-6))))
+        elif cmd == ["round"] and key is not None:
             t = time.perf_counter(); fns[key](n); times[key].append(a.batch * n / (time.perf_counter() - t))
         else:
             break
@@ -419,6 +424,8 @@ def main(argv=None):
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
     ap.add_argument("--steps", type=int, default=2, help="train steps per timed round (inference: 2x)")
+    ap.add_argument("--min-round-s", type=float, default=1.0,
+                    help="more steps per timed round for fast models, so a round lasts this long")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--alternate", action="store_true",
                     help="frameworks take turns, one round each (default: one after another)")
@@ -456,7 +463,7 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown model(s) {unknown}; choose from {', '.join(jaxcnn.list_models())}")
     if a.quick:
-        a.rounds, a.steps, a.models = 1, 1, a.models[:1]
+        a.rounds, a.steps, a.min_round_s, a.models = 1, 1, 0.0, a.models[:1]
     command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     load_start = _loadavg()
     common = ["--rounds", str(a.rounds), "--steps", str(a.steps)]  # devices and pipeline workers
@@ -471,7 +478,8 @@ def main(argv=None):
                 frameworks = ["jax"] + ([] if a.skip_torch else ["torch"]) + \
                     (["torchc"] if fp32 and a.torch_compile and not a.skip_torch else [])
                 r = _run_sides([["--framework", fw, "--model", name, "--batch", str(b), "--precision", precision,
-                                "--steps", str(a.steps)] + ([] if fp32 and a.plain_ops else ["--no-plain-ops"])
+                                "--steps", str(a.steps), "--min-round-s", str(a.min_round_s)]
+                               + ([] if fp32 and a.plain_ops else ["--no-plain-ops"])
                                for fw in frameworks], a.rounds, a.alternate)
                 rows.append(dict(model=name, size=size, batch=b, precision=precision, **r))
                 print("   ", r, flush=True)
@@ -501,12 +509,12 @@ def main(argv=None):
         print(f"    {n} devices:", r, flush=True)
     pipe = _run_worker(["pipeline", "--data-dir", a.data_dir] + common) if a.data_dir else {}
     env = dict(machine(), load=f"{load_start} at start, {_loadavg()} at end")
-    write_report(a.out, command, env, rows, mem_rows, dev_rows, pipe)
+    write_report(a.out, command, env, rows, mem_rows, dev_rows, pipe, a.min_round_s)
     print(f"wrote {a.out}")
     return 0
 
 
-def write_report(path, command, env, rows, mem_rows, dev_rows, pipe):
+def write_report(path, command, env, rows, mem_rows, dev_rows, pipe, min_round_s=0.0):
     from jaxcnn import _xla
     L = ["# jaxcnn vs PyTorch: measured throughput", "",
          f"Command: `{command}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
@@ -533,7 +541,9 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe):
          "PyTorch eager beside it. Taking turns skewed both frameworks on this VM, jaxcnn down and PyTorch "
          "up; see `_run_sides` in the script.) \"plain ops\": jaxcnn traced with "
          "`jaxcnn.ops` switched off (plain Flax/XLA convolution, max-pool and BatchNorm), in the jaxcnn "
-         "process, to show what the library's CPU kernels change. Images/s are medians over rounds; ratios "
+         "process, to show what the library's CPU kernels change. A round is --steps steps (2x for "
+         f"inference), or more if that takes less than {min_round_s:g} s (--min-round-s). "
+         "Images/s are medians over rounds; ratios "
          "are jaxcnn / PyTorch eager and jaxcnn / the faster of PyTorch eager and compiled.", "",
          "| model | px | batch | prec. | compile s | train jaxcnn | plain ops | PyTorch eager | PyTorch compiled "
          "| ratio eager | ratio best | infer jaxcnn | PyTorch eager | PyTorch compiled | ratio eager | ratio best |",

@@ -306,3 +306,57 @@ def _bn_bwd(eps, dtype, res, cts):
 
 
 batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+
+
+# BatchNorm with statistics computed elsewhere: in a dense block every layer normalises the
+# concatenation of all earlier feature maps, and a channel's batch mean and variance are the
+# same in every layer that sees it. `batch_stats` computes them once per feature map and
+# `batch_norm_given_stats` normalises with them; their gradients add up to `_bn_bwd`'s.
+
+
+@jax.custom_vjp
+def batch_stats(x):
+    """(mean, biased var) over every axis but the last, in float32, as `batch_norm_train`'s."""
+    return _bn_stats(x)
+
+
+def _stats_fwd(x):
+    mean, var = _bn_stats(x)
+    return (mean, var), (x, mean)
+
+
+def _stats_bwd(res, cts):
+    x, mean = res
+    d_mean, d_var = cts
+    n = x.size // x.shape[-1]
+    # var = E[x^2] - mean^2, so d var / d x = 2 (x - mean) / n
+    dx = (d_mean + 2.0 * d_var * (x.astype(jnp.float32) - mean)) / n
+    return (dx.astype(x.dtype),)
+
+
+batch_stats.defvjp(_stats_fwd, _stats_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def batch_norm_given_stats(x, mean, var, scale, bias, eps: float, dtype):
+    """`batch_norm_apply` differentiable in the statistics too (see `batch_stats`)."""
+    return batch_norm_apply(x, mean, var, scale, bias, eps, dtype)
+
+
+def _given_fwd(x, mean, var, scale, bias, eps, dtype):
+    r = lax.rsqrt(var + eps)
+    return batch_norm_apply(x, mean, var, scale, bias, eps, dtype), (x, mean, r, scale)
+
+
+def _given_bwd(eps, dtype, res, g):
+    x, mean, r, scale = res
+    g = g.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    sum_g = g.sum(axis=axes)
+    sum_gx = (g * ((x.astype(jnp.float32) - mean) * r)).sum(axis=axes)
+    sr = scale * r
+    return ((g * sr).astype(x.dtype), -sr * sum_g, -0.5 * sr * r * sum_gx,
+            sum_gx.astype(scale.dtype), sum_g.astype(scale.dtype))
+
+
+batch_norm_given_stats.defvjp(_given_fwd, _given_bwd)

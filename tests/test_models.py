@@ -304,16 +304,19 @@ def test_eval_compiles_with_matmul_only_ynn_fusions(monkeypatch):
     assert _xla.eval_compiler_options() == {}  # the user's own setting wins
 
 
-@pytest.mark.parametrize("name", ["resnet18_cifar", "densenet_bc_small", "simple_cnn", "resnet50"])
-def test_cpu_ops_give_the_plain_flax_gradients(name):
-    # jaxcnn.ops (fenced convs, 1x1 matmuls, max-pool and BatchNorm gradients) must change speed
-    # only: same loss, parameter gradients and BatchNorm updates as plain Flax/XLA layers.
+@pytest.mark.parametrize("name,kw", [("resnet18_cifar", {}), ("densenet_bc_small", {}),
+                                     ("densenet_bc_small", {"remat": False}), ("simple_cnn", {}),
+                                     ("resnet50", {})])
+def test_cpu_ops_give_the_plain_flax_gradients(name, kw):
+    # jaxcnn.ops (fenced convs, 1x1 matmuls, max-pool and BatchNorm gradients, dense blocks'
+    # shared BatchNorm statistics, with and without recomputation) must change speed only:
+    # same loss, parameter gradients and BatchNorm updates as plain Flax/XLA layers.
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
     y = jnp.arange(4) % 5
 
     def run(on):
         with ops.enabled(on):
-            model = tiny(name)
+            model = tiny(name, **kw)
             v = random_variables(model, x.shape)
 
             def loss(p):
