@@ -44,7 +44,8 @@ MAX_POOL_GRAD = not _PLAIN   # max-pool gradient from slices instead of select-a
 CUSTOM_BN = not _PLAIN       # closed-form BatchNorm gradient (jaxcnn.layers.norm)
 DENSE_REMAT = not _PLAIN     # dense blocks with remat=None recompute in training (CPU only)
 ONEDNN = not _PLAIN          # oneDNN direct convolutions where jaxcnn.onednn applies (CPU only)
-_SWITCHES = ("FENCES", "DOT_1X1", "MAX_POOL_GRAD", "CUSTOM_BN", "DENSE_REMAT", "ONEDNN")
+BIAS_GRAD = not _PLAIN       # convolution bias gradients summed in float32 (add_bias)
+_SWITCHES = ("FENCES", "DOT_1X1", "MAX_POOL_GRAD", "CUSTOM_BN", "DENSE_REMAT", "ONEDNN", "BIAS_GRAD")
 
 
 @contextlib.contextmanager
@@ -256,6 +257,28 @@ def _tiled_max_pool_bwd(x, y, g, s: int):
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def add_bias(y, b):
+    """`y + b` over the last axis; the gradient of `b` sums the cotangent in float32 (see
+    layers.BiasedConv). Plain `y + b` when `BIAS_GRAD` is off."""
+    return _add_bias(y, b) if BIAS_GRAD else y + b
+
+
+@jax.custom_vjp
+def _add_bias(y, b):
+    return y + b
+
+
+def _add_bias_fwd(y, b):
+    return y + b, None
+
+
+def _add_bias_bwd(_, g):
+    return g, g.astype(jnp.float32).sum(axis=tuple(range(g.ndim - 1))).astype(g.dtype)
+
+
+_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 # BatchNorm (training mode) with a hand-written gradient. Autodiff of the textbook formula saves

@@ -74,7 +74,9 @@ def prefetch(iterator, size: int = 2) -> Iterator:
     """Runs `iterator` in a background thread, `size` items ahead, so host work overlaps compute.
 
     Exceptions in the producer are re-raised in the consumer; closing the generator early stops
-    the thread instead of leaving it blocked on a full queue.
+    the thread instead of leaving it blocked on a full queue, and waits for it: a daemon thread
+    still inside a device transfer when the interpreter exits can abort the process ("terminate
+    called after throwing an instance of ''", seen in tests/test_data.py on 4 CPU devices).
     """
     q: queue.Queue = queue.Queue(maxsize=max(1, size))
     stop = threading.Event()
@@ -109,6 +111,8 @@ def prefetch(iterator, size: int = 2) -> Iterator:
             yield item
     finally:
         stop.set()
+        if thread is not threading.current_thread():
+            thread.join(timeout=30)
 
 
 def pipeline_throughput(ds: ArrayDataset, batch_size: int, augment: AugmentConfig, *, steps: int = 20,
