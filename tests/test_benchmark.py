@@ -44,3 +44,15 @@ def test_step_breakdown_times_the_real_and_the_stand_in_step():
     rows = {l.split("|")[1].strip(): l for l in p.stdout.splitlines() if l.startswith("| real") or l.startswith("| stand-in")}
     assert set(rows) == {"real", "stand-in"}, p.stdout
     assert "convolutions (real - stand-in, medians)" in p.stdout
+
+
+def test_profile_step_lists_the_step_operations():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile_step.py"), "--model",
+                        "simple_cnn", "--batch", "8", "--steps", "2", "--top", "5"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [l.split("|")[1:3] for l in p.stdout.splitlines() if l.startswith("| ") and "---" not in l]
+    ops = {name.strip(): float(ms) for name, ms in rows if name.strip() not in ("operation", "kind")}
+    # the convolutions (oneDNN's where it applies, else XLA's) show up with measured times
+    assert any("conv" in name for name in ops), p.stdout
+    assert all(ms >= 0 for ms in ops.values()) and sum(ops.values()) > 0, p.stdout
