@@ -11,8 +11,9 @@ ENABLE_ONEDNN_ASYNC, which jaxlib's wheels are not. jaxcnn emits the call itself
 Measured alone (benchmarks/conv_kernels.py, batch 128, f32, ms): forward 64->64 at 32x32 35 -> 29,
 48->12 at 32x32 9.9 -> 5.1; in bf16 the forward is 3-4x faster than Eigen's (46 -> 10.5 ms).
 
-What goes to oneDNN: forward convolutions, and input gradients of stride-1 convolutions (a forward
-convolution of the cotangent with the flipped kernel). Weight gradients stay on Eigen: as a forward
+What goes to oneDNN: forward convolutions, and input gradients (stride 1: a forward convolution
+of the cotangent with the flipped kernel; strided, NHWC/HWIO: one such convolution per input
+phase, see `_strided_input_grad`). Weight gradients stay on Eigen: as a forward
 convolution their window is the whole image, and oneDNN's kernels for that ran for minutes.
 
 When: 2-D, feature_group_count 1, no dilation, padding >= 0, f32 or bf16 operands of one dtype,
@@ -175,11 +176,14 @@ def conv(x, w, strides, padding, dn):
 
 
 def input_grad(g, w, x_shape, strides, padding, dn):
-    """The input gradient of a stride-1 convolution (cotangent `g`), by oneDNN: a forward
+    """The input gradient of a convolution (cotangent `g`), by oneDNN. Stride 1: a forward
     convolution of g with the spatially flipped kernel, in/out features swapped, padded by
-    k - 1 - pad on each side. None where that does not apply (strides, negative padding)."""
-    if any(s != 1 for s in strides) or g.dtype != w.dtype:
+    k - 1 - pad on each side. Strided (NHWC/HWIO only): `_strided_input_grad`. None where
+    neither applies (other layouts when strided, negative padding)."""
+    if g.dtype != w.dtype:
         return None
+    if any(s != 1 for s in strides):
+        return _strided_input_grad(g, w, x_shape, tuple(strides), _pads(x_shape, w.shape, strides, padding, dn), dn)
     pads = _pads(x_shape, w.shape, strides, padding, dn)
     window = [w.shape[d] for d in dn.rhs_spec[2:]]
     grad_pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(window, pads))
@@ -188,6 +192,55 @@ def input_grad(g, w, x_shape, strides, padding, dn):
     rhs = dn.rhs_spec
     grad_dn = lax.ConvDimensionNumbers(dn.out_spec, (rhs[1], rhs[0], *rhs[2:]), dn.lhs_spec)
     return conv(g, lax.rev(w, tuple(rhs[2:])), (1,) * len(window), grad_pads, grad_dn)
+
+
+def _phase_taps(a: int, s: int, pad: int, k: int, n_out: int, n_in: int):
+    """One spatial dimension of a strided convolution's input gradient, for the inputs
+    i = s*m + a (phase a): dx[s*m + a] = sum over taps t with (a + pad - t) % s == 0 of
+    g[m + d_t] * w[t], d_t = (a + pad - t) // s. Returns (taps ordered by d_t, the low and high
+    padding of g that makes this a stride-1 correlation with one output per m, the number of
+    those outputs); taps is empty when no tap reaches the phase."""
+    taps = sorted((t for t in range(k) if (a + pad - t) % s == 0), key=lambda t: (a + pad - t) // s)
+    m = -(-(n_in - a) // s)  # ceil: inputs of this phase
+    if not taps or m <= 0:
+        return [], (0, 0), max(m, 0)
+    d_lo, d_hi = (a + pad - taps[0]) // s, (a + pad - taps[-1]) // s
+    return taps, (-d_lo, m + d_hi - n_out), m
+
+
+def _strided_input_grad(g, w, x_shape, strides, pads, dn):
+    """A strided convolution's input gradient as one stride-1 oneDNN convolution per phase of
+    the input (s_h * s_w of them: the inputs at i = s*m + a see only the kernel taps t with
+    (a + pad - t) % s == 0), interleaved back by a reshape. The work is the forward's, where
+    XLA's own input gradient (a base-dilated convolution) computes on the zero-interleaved
+    cotangent: resnet18_cifar's three stride-2 ones took ~100 ms of a training step."""
+    if tuple(dn.lhs_spec) != (0, 3, 1, 2) or tuple(dn.out_spec) != (0, 3, 1, 2) or \
+            tuple(dn.rhs_spec) != (3, 2, 0, 1):
+        return None
+    n, h, wd, c_in = x_shape
+    kh, kw = w.shape[:2]
+    oh, ow = g.shape[1:3]
+    w_t = jnp.swapaxes(w, 2, 3)  # HWIO -> HW(out)(in): the gradient maps C_out back to C_in
+    grad_dn = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+    mh, mw = -(-h // strides[0]), -(-wd // strides[1])
+    rows = []
+    for a in range(strides[0]):
+        ta, (lo_h, hi_h), ma = _phase_taps(a, strides[0], pads[0][0], kh, oh, h)
+        cols = []
+        for b in range(strides[1]):
+            tb, (lo_w, hi_w), mb = _phase_taps(b, strides[1], pads[1][0], kw, ow, wd)
+            if ta and tb:
+                # negative padding: crop g instead (oneDNN takes no negative padding)
+                gp = g[:, max(0, -lo_h):oh - max(0, -hi_h), max(0, -lo_w):ow - max(0, -hi_w)]
+                u = w_t[jnp.asarray(ta)][:, jnp.asarray(tb)]
+                part = conv(gp, u, (1, 1), ((max(0, lo_h), max(0, hi_h)), (max(0, lo_w), max(0, hi_w))),
+                            grad_dn)
+            else:
+                part = jnp.zeros((n, ma, mb, c_in), g.dtype)
+            cols.append(jnp.pad(part, ((0, 0), (0, mh - ma), (0, mw - mb), (0, 0))))
+        rows.append(jnp.stack(cols, axis=3))  # (n, mh, mw, s_w, c)
+    dx = jnp.stack(rows, axis=2)  # (n, mh, s_h, mw, s_w, c)
+    return dx.reshape(n, mh * strides[0], mw * strides[1], c_in)[:, :h, :wd]
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,8 +12,8 @@ prove trivial (trip count and a factor of 1 read from the replicated weights at 
 copy of the input at all (DenseNet's bottlenecks read the whole concatenated block). Off the
 CPU it is plain `lax.conv_general_dilated`. Inference never sees a fence (it lives in the
 forward rule of the VJP, used only under differentiation).
-The forward convolution and the input gradient of a stride-1 convolution run on oneDNN's direct
-kernels where `jaxcnn.onednn` applies (jaxlib 0.10 on the CPU); the weight gradient is XLA's.
+The forward convolution and the input gradient run on oneDNN's direct kernels where
+`jaxcnn.onednn` applies (jaxlib 0.10 on the CPU); the weight gradient is XLA's.
 
 Max-pooling. JAX differentiates `reduce_window(max)` through a variadic reduce-window that
 carries argmax indices; on XLA:CPU that gradient cost ~40% of a small CNN's training step.

@@ -33,10 +33,15 @@ def test_probe_passes_here():
     assert onednn.usable()
 
 
-# (input, kernel, strides, padding, oneDNN calls in value+grad: forward + input gradient if stride 1)
+# (input, kernel, strides, padding, oneDNN calls in value+grad: the forward, plus the input
+# gradient: one call at stride 1, one per input phase (s_h * s_w) when strided)
 CASES = [((4, 9, 9, 5), (3, 3, 5, 6), (1, 1), ((1, 1), (1, 1)), 2),
-         ((4, 9, 9, 5), (3, 3, 5, 6), (2, 2), ((1, 1), (1, 1)), 1),
-         ((2, 16, 16, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3)), 1),   # ImageNet stem
+         ((4, 9, 9, 5), (3, 3, 5, 6), (2, 2), ((1, 1), (1, 1)), 5),
+         ((4, 8, 8, 5), (3, 3, 5, 6), (2, 2), ((1, 1), (1, 1)), 5),     # ResNet's downsampling
+         ((2, 16, 16, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3)), 5),   # ImageNet stem
+         ((2, 9, 8, 3), (3, 3, 3, 5), (2, 1), ((1, 0), (0, 1)), 3),
+         ((2, 10, 10, 3), (3, 3, 3, 5), (3, 3), ((1, 1), (2, 0)), 10),
+         ((2, 8, 7, 3), (2, 2, 3, 4), (2, 2), ((0, 0), (0, 0)), 5),
          ((3, 8, 8, 4), (3, 3, 4, 4), (1, 1), "SAME", 2),
          ((3, 8, 7, 4), (3, 3, 4, 4), (1, 1), "VALID", 2),
          ((2, 6, 6, 4), (2, 2, 4, 3), (1, 1), ((0, 1), (1, 0)), 2)]
