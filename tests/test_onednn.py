@@ -144,6 +144,15 @@ xs = jnp.stack([x, x])
 vf = jax.jit(jax.vmap(lambda x: ops.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)))
 np.testing.assert_allclose(vf(xs)[1], lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn),
                            rtol=1e-5, atol=1e-4)
+# a strided convolution (input gradient: one oneDNN call per phase) into an overlapping max-pool
+# (its gradient fenced on the cotangent's first element): the same gradients as on one device
+import flax.linen as nn
+pad = ((1, 1), (1, 1))
+mine = lambda x, w: jnp.sum(jnp.sin(ops.max_pool(ops.conv_general_dilated(x, w, (2, 2), pad, dimension_numbers=dn), 3, 2, 1)))
+ref = lambda x, w: jnp.sum(jnp.sin(nn.max_pool(lax.conv_general_dilated(x, w, (2, 2), pad, dimension_numbers=dn),
+                                               (3, 3), (2, 2), pad)))
+for a, b in zip(jax.jit(jax.grad(mine, (0, 1)))(x, w), jax.grad(ref, (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 print("sharded ok")
 """
 
