@@ -48,7 +48,7 @@ def test_step_breakdown_times_the_real_and_the_stand_in_step():
 
 def test_profile_step_lists_the_step_operations():
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile_step.py"), "--model",
-                        "simple_cnn", "--batch", "8", "--steps", "2", "--top", "5"],
+                        "simple_cnn", "--batch", "8", "--steps", "2", "--top", "5", "--per-step"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [l.split("|")[1:3] for l in p.stdout.splitlines() if l.startswith("| ") and "---" not in l]
@@ -56,3 +56,4 @@ def test_profile_step_lists_the_step_operations():
     # the convolutions (oneDNN's where it applies, else XLA's) show up with measured times
     assert any("conv" in name for name in ops), p.stdout
     assert all(ms >= 0 for ms in ops.values()) and sum(ops.values()) > 0, p.stdout
+    assert "step ms: " in p.stdout and "slowest step" in p.stdout, p.stdout
