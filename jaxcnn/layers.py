@@ -127,9 +127,7 @@ class SqueezeExcite(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, stats=None):
-        """`stats`: this batch's (mean, var) of `x` from `ops.batch_stats`, computed once and
-        shared (dense blocks); None computes them here."""
+    def __call__(self, x):
         c = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         s = jnp.mean(x, axis=(1, 2), keepdims=True)

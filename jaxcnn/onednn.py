@@ -182,9 +182,9 @@ def input_grad(g, w, x_shape, strides, padding, dn):
     neither applies (other layouts when strided, negative padding)."""
     if g.dtype != w.dtype:
         return None
-    if any(s != 1 for s in strides):
-        return _strided_input_grad(g, w, x_shape, tuple(strides), _pads(x_shape, w.shape, strides, padding, dn), dn)
     pads = _pads(x_shape, w.shape, strides, padding, dn)
+    if any(s != 1 for s in strides):
+        return _strided_input_grad(g, w, x_shape, tuple(strides), pads, dn)
     window = [w.shape[d] for d in dn.rhs_spec[2:]]
     grad_pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(window, pads))
     if any(p < 0 for pad in grad_pads for p in pad):

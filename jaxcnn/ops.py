@@ -222,11 +222,8 @@ def _max_pool_bwd(window, stride, padding, res, g):
     zero = jnp.zeros((), g.dtype)
     taps = [(i, j) for i in range(window) for j in range(window)]
     ends = [(i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1) for i, j in taps]
-    first = jnp.full(y.shape, len(taps), jnp.int32)  # no tap matched (NaN windows): no gradient
-    for t in reversed(range(len(taps))):
-        (i, j), (hi, wj) = taps[t], ends[t]
-        tap = lax.slice(xp, (0, i, j, 0), (n, hi, wj, c), (1, stride, stride, 1))
-        first = jnp.where(tap == y, t, first)
+    first = _first_max([lax.slice(xp, (0, i, j, 0), (n, hi, wj, c), (1, stride, stride, 1))
+                        for (i, j), (hi, wj) in zip(taps, ends)], y)
     if FENCES and on_cpu():
         # The scatter below reads `first` and g once per tap. Unfenced, XLA fused their
         # producers into it (the taps' compares, and in bf16 the whole dense-block gradient
@@ -242,6 +239,15 @@ def _max_pool_bwd(window, stride, padding, res, g):
     return (dx,)
 
 
+def _first_max(taps, y):
+    """Per output element, the index of the first tap (row-major in the window) equal to the
+    maximum `y`; len(taps) where none is (NaN windows), so that no tap gets the gradient."""
+    first = jnp.full(y.shape, len(taps), jnp.int32)
+    for t in reversed(range(len(taps))):
+        first = jnp.where(taps[t] == y, t, first)
+    return first
+
+
 def _tiled_max_pool_bwd(x, y, g, s: int):
     """The gradient when the windows tile the image (window == stride, no padding; the 2x2
     pools): the index of each window's first maximum, then the cotangent broadcast over the
@@ -251,9 +257,7 @@ def _tiled_max_pool_bwd(x, y, g, s: int):
     n, h, w, c = x.shape
     ho, wo = y.shape[1:3]
     xw = x[:, :ho * s, :wo * s].reshape(n, ho, s, wo, s, c)
-    first = jnp.full(y.shape, s * s, jnp.int32)  # no tap matched (NaN windows): no gradient
-    for t in reversed(range(s * s)):
-        first = jnp.where(xw[:, :, t // s, :, t % s] == y, t, first)
+    first = _first_max([xw[:, :, t // s, :, t % s] for t in range(s * s)], y)
     taps = lax.broadcasted_iota(jnp.int32, (1, 1, s, 1, s, 1), 2) * s + \
         lax.broadcasted_iota(jnp.int32, (1, 1, s, 1, s, 1), 4)
     dx = jnp.where(taps == first[:, :, None, :, None], g[:, :, None, :, None], jnp.zeros((), g.dtype))
@@ -323,14 +327,19 @@ def _bn_fwd(x, scale, bias, eps, dtype):
     return (y, (mean, var)), (x, mean, lax.rsqrt(var + eps), scale)
 
 
+def _bn_sums(x, mean, r, g):
+    """The backward pass's float32 cotangent, x-hat, and their channel sums sum(g), sum(g*x-hat)."""
+    g = g.astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * r
+    axes = tuple(range(x.ndim - 1))
+    return g, xhat, g.sum(axis=axes), (g * xhat).sum(axis=axes)
+
+
 def _bn_bwd(eps, dtype, res, cts):
     x, mean, r, scale = res
-    g = cts[0].astype(jnp.float32)   # the statistics output only feeds the running averages
-    xhat = (x.astype(jnp.float32) - mean) * r
+    # the statistics output only feeds the running averages: its cotangent is ignored
+    g, xhat, sum_g, sum_gx = _bn_sums(x, mean, r, cts[0])
     n = x.size // x.shape[-1]
-    axes = tuple(range(x.ndim - 1))
-    sum_g = g.sum(axis=axes)
-    sum_gx = (g * xhat).sum(axis=axes)
     dx = (scale * r) * (g - (sum_g + xhat * sum_gx) / n)
     return dx.astype(x.dtype), sum_gx.astype(scale.dtype), sum_g.astype(scale.dtype)
 
@@ -380,10 +389,7 @@ def _given_fwd(x, mean, var, scale, bias, eps, dtype):
 
 def _given_bwd(eps, dtype, res, g):
     x, mean, r, scale = res
-    g = g.astype(jnp.float32)
-    axes = tuple(range(x.ndim - 1))
-    sum_g = g.sum(axis=axes)
-    sum_gx = (g * ((x.astype(jnp.float32) - mean) * r)).sum(axis=axes)
+    g, _, sum_g, sum_gx = _bn_sums(x, mean, r, g)
     sr = scale * r
     return ((g * sr).astype(x.dtype), -sr * sum_g, -0.5 * sr * r * sum_gx,
             sum_gx.astype(scale.dtype), sum_g.astype(scale.dtype))
