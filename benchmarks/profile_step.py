@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py                                  # resnet18_cifar, batch 128, fp32
     python benchmarks/profile_step.py --model densenet_bc_100_12 --steps 5
     python benchmarks/profile_step.py --model simple_cnn --precision bf16 --top 20
+    python benchmarks/profile_step.py --model densenet_bc_100_12 --infer        # the eval step
 
 Builds jaxcnn's own train step (benchmarks/throughput.py's `_jax_steps`), runs 5 untraced steps,
 then traces `--steps` steps and sums the duration of every XLA:CPU thunk by name (ms per step):
@@ -72,23 +73,25 @@ def main(argv=None):
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--steps", type=int, default=10, help="traced steps")
     ap.add_argument("--top", type=int, default=15, help="operations listed")
+    ap.add_argument("--infer", action="store_true", help="the inference (eval) step instead of the training step")
     ap.add_argument("--per-step", action="store_true",
                     help="also each step's time, and the kinds that differ most between the slowest and fastest step")
     a = ap.parse_args(argv)
     import jax
     from throughput import _jax_steps
 
-    train, _, _, _ = _jax_steps(a.model, a.batch, a.precision)
-    train(5)
+    train, infer, _, _ = _jax_steps(a.model, a.batch, a.precision)
+    step = infer if a.infer else train
+    step(5)
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
         with jax.profiler.trace(d, create_perfetto_trace=True):
             for _ in range(a.steps):  # one at a time, so each step is a span of its own
-                train(1)
+                step(1)
         wall = 1e3 * (time.perf_counter() - t) / a.steps
         events = _events(d)
     times = thunk_times(events, a.steps)
-    print(f"{a.model}, batch {a.batch}, {a.precision}, {a.steps} traced steps: {wall:.1f} ms per step "
+    print(f"{a.model}, batch {a.batch}, {a.precision}, {a.steps} traced {'inference' if a.infer else 'training'} steps: {wall:.1f} ms per step "
           f"(tracing included), thunks {sum(times.values()):.1f} ms; "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}\n")
     for title, table in (("operation", times), ("kind", by_kind(times))):

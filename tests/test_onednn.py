@@ -44,7 +44,11 @@ CASES = [((4, 9, 9, 5), (3, 3, 5, 6), (1, 1), ((1, 1), (1, 1)), 2),
          ((2, 8, 7, 3), (2, 2, 3, 4), (2, 2), ((0, 0), (0, 0)), 5),
          ((3, 8, 8, 4), (3, 3, 4, 4), (1, 1), "SAME", 2),
          ((3, 8, 7, 4), (3, 3, 4, 4), (1, 1), "VALID", 2),
-         ((2, 6, 6, 4), (2, 2, 4, 3), (1, 1), ((0, 1), (1, 0)), 2)]
+         ((2, 6, 6, 4), (2, 2, 4, 3), (1, 1), ((0, 1), (1, 0)), 2),
+         # 1x1 (jaxcnn.ops' pointwise path): forward and input gradient on oneDNN, weight
+         # gradient a matmul; strided ones subsample first
+         ((4, 9, 9, 5), (1, 1, 5, 6), (1, 1), ((0, 0), (0, 0)), 2),
+         ((4, 9, 9, 5), (1, 1, 5, 6), (2, 2), ((0, 0), (0, 0)), 2)]
 
 
 @pytest.mark.parametrize("x_shape,w_shape,strides,padding,calls", CASES)
@@ -74,8 +78,9 @@ def test_other_dimension_orders():
                                                                dimension_numbers=dn), x, w) == 1
 
 
-def test_bf16_forward_and_gradient():
-    x, w = _pair((4, 8, 8, 16), (3, 3, 16, 8), jnp.bfloat16)
+@pytest.mark.parametrize("k", [3, 1])
+def test_bf16_forward_and_gradient(k):
+    x, w = _pair((4, 8, 8, 16), (k, k, 16, 8), jnp.bfloat16)
     f = lambda x, w: jnp.sum(ops.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
                              .astype(jnp.float32) ** 2)
     r = lambda x, w: jnp.sum(lax.conv_general_dilated(x.astype(jnp.float32), w.astype(jnp.float32), (1, 1),

@@ -6,7 +6,7 @@ import pytest
 import flax.linen as nn
 from jax import lax
 
-from jaxcnn import layers, ops
+from jaxcnn import layers, onednn, ops
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -50,11 +50,22 @@ def test_conv_fences_only_in_the_gradient_on_cpu():
         ops.FENCES = True
 
 
-def test_pointwise_conv_is_a_matmul():
+def test_pointwise_conv_weight_gradient_is_a_matmul():
     x, w = _rand((2, 8, 8, 4), 0), _rand((1, 1, 4, 6), 1)
     f = lambda x, w: ops.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, 0)), dimension_numbers=DN)
-    hlo = jax.jit(f).lower(x, w).as_text()
-    assert "dot_general" in hlo and "convolution" not in hlo
+    grad = lambda x, w: jax.grad(lambda x, w: f(x, w).sum(), (0, 1))(x, w)
+    # a new function each time: jit caches traces per function, and the switches are read in tracing
+    hlo = lambda fn: jax.jit(lambda x, w: fn(x, w)).lower(x, w).as_text()
+    assert "stablehlo.convolution" not in hlo(grad)
+    assert hlo(grad).count("dot_general") == (1 if onednn.usable() else 3)  # oneDNN: fwd, dgrad
+    with ops.enabled(False):
+        assert "stablehlo.convolution" in hlo(f)
+    old = ops.ONEDNN
+    ops.ONEDNN = False
+    try:  # without oneDNN every part is a matmul
+        assert "dot_general" in hlo(f) and "convolution" not in hlo(f)
+    finally:
+        ops.ONEDNN = old
 
 
 @pytest.mark.parametrize("window,stride,pad,size", [(2, 2, 0, 8), (2, 2, 0, 9), (3, 2, 1, 9), (3, 2, 1, 8),
