@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import flax.linen as nn
 
 from jaxcnn import ops
@@ -247,6 +248,8 @@ class DenseBlock(nn.Module):
         # Each feature map's batch statistics, computed once for every later layer's norm1.
         share = ops.CUSTOM_BN and train and not self.is_initializing()
         stats = [ops.batch_stats(x)] if share else None
+        if not train and ops.DENSE_BUFFER and not self.is_initializing():
+            return self._grow_in_place(x, layer_cls)
         features = [x]
         for j in range(self.num_layers):
             layer = layer_cls(self.growth_rate, self.bn_size, self.drop_rate, dtype=self.dtype,
@@ -261,6 +264,24 @@ class DenseBlock(nn.Module):
             if share:
                 stats.append(ops.batch_stats(y))
         return jnp.concatenate(features, axis=-1)
+
+    def _grow_in_place(self, x, layer_cls):
+        """Inference: the block's output is allocated once and each layer writes its k channels
+        into it (an in-place dynamic_update_slice) and reads the channels before them as a
+        slice, which XLA fuses into norm1. Concatenating the growing list per layer copied
+        O(layers^2) channels: 62 of densenet_bc_100_12's ~390 ms at batch 128 on the CPU.
+        Same operations and values as the concatenating path (which training keeps: its
+        gradient and recomputation are built on the list of feature maps)."""
+        c, k = x.shape[-1], self.growth_rate
+        dtype = jnp.promote_types(x.dtype, self.dtype)
+        buf = jnp.pad(x.astype(dtype), ((0, 0),) * (x.ndim - 1) + ((0, self.num_layers * k),))
+        for j in range(self.num_layers):
+            layer = layer_cls(k, self.bn_size, self.drop_rate, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name=f"denselayer{j + 1}")
+            seen = x if j == 0 else buf[..., :c + j * k]  # layer 0 sees x as the list path does
+            y = layer.new_features((seen,), False)
+            buf = lax.dynamic_update_slice_in_dim(buf, y.astype(dtype), c + j * k, axis=-1)
+        return buf
 
 
 def recomputes(model: nn.Module) -> bool:

@@ -45,7 +45,9 @@ CUSTOM_BN = not _PLAIN       # closed-form BatchNorm gradient (jaxcnn.layers.nor
 DENSE_REMAT = not _PLAIN     # dense blocks with remat=None recompute in training (CPU only)
 ONEDNN = not _PLAIN          # oneDNN direct convolutions where jaxcnn.onednn applies (CPU only)
 BIAS_GRAD = not _PLAIN       # convolution bias gradients summed in float32 (add_bias)
-_SWITCHES = ("FENCES", "DOT_1X1", "MAX_POOL_GRAD", "CUSTOM_BN", "DENSE_REMAT", "ONEDNN", "BIAS_GRAD")
+DENSE_BUFFER = not _PLAIN    # dense blocks in inference grow one buffer in place (layers.DenseBlock)
+_SWITCHES = ("FENCES", "DOT_1X1", "MAX_POOL_GRAD", "CUSTOM_BN", "DENSE_REMAT", "ONEDNN", "BIAS_GRAD",
+             "DENSE_BUFFER")
 
 
 @contextlib.contextmanager

@@ -333,3 +333,21 @@ def test_cpu_ops_give_the_plain_flax_gradients(name, kw):
     # float32 sums in another order: deep nets (resnet18) differ by ~1e-4 relative.
     chex.assert_trees_all_close(g1, g0, rtol=2e-3, atol=1e-4)
     chex.assert_trees_all_close(u1, u0, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["densenet_bc_small", "resdensenet_cifar"])
+def test_dense_blocks_grow_one_buffer_in_inference(name):
+    model = tiny(name)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    v = random_variables(model, x.shape)
+    hlo = lambda: jax.jit(lambda v, x: model.apply(v, x)).lower(v, x).as_text()
+    assert "concatenate" not in hlo() and "dynamic_update_slice" in hlo()
+    got = jax.jit(lambda v, x: model.apply(v, x))(v, x)
+    old = ops.DENSE_BUFFER
+    ops.DENSE_BUFFER = False
+    try:  # the concatenating path (training's) gives the same logits
+        assert "concatenate" in hlo()
+        want = jax.jit(lambda v, x: model.apply(v, x))(v, x)
+    finally:
+        ops.DENSE_BUFFER = old
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
