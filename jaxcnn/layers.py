@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 import flax.linen as nn
 
-from jaxcnn import ops
+from jaxcnn import onednn, ops
 
 Dtype = Any
 Act = Callable[[jnp.ndarray], jnp.ndarray]
@@ -101,6 +101,47 @@ class BatchNorm(nn.Module):
         return y
 
 
+def conv_bn(x, conv_mod: nn.Conv, bn_mod: nn.Module, train: bool, *, relu: bool = True,
+            residual=None):
+    """`conv_mod` -> `bn_mod` (-> + `residual`) (-> ReLU): ResNet's and DenseNet's conv-BN units.
+
+    In inference on the CPU (oneDNN, one device) this is one oneDNN convolution: the BatchNorm's
+    running statistics and affine folded into the kernel and a bias, the residual add and the
+    ReLU as oneDNN post-ops, so the conv output is written once instead of being re-read and
+    re-written by an elementwise pass. Same variables; the values differ only by rounding (the
+    folded kernel is rounded to the compute dtype). Training, other layouts and `ops.FOLD_BN`
+    off take the unfused path."""
+    y = _folded(x, conv_mod, bn_mod, relu, residual) if not train else None
+    if y is None:
+        y = bn_mod(conv_mod(x))
+        if residual is not None:
+            y = y + residual
+        y = nn.relu(y) if relu else y
+    return y
+
+
+def _folded(x, conv_mod, bn_mod, relu, residual):
+    if not (ops.FOLD_BN and ops.ONEDNN and ops.on_cpu() and isinstance(bn_mod, BatchNorm)
+            and isinstance(conv_mod, nn.Conv) and conv_mod.feature_group_count == 1
+            and bn_mod.use_running_average and not conv_mod.is_initializing()):
+        return None
+    cv, bv = conv_mod.variables, bn_mod.variables
+    if "params" not in cv or "params" not in bv or "batch_stats" not in bv:
+        return None
+    dtype = conv_mod.dtype or x.dtype
+    if jnp.dtype(bn_mod.dtype or dtype) != jnp.dtype(dtype):
+        return None
+    stats, p = bv["batch_stats"], bv["params"]
+    s = p["scale"].astype(jnp.float32) * lax.rsqrt(stats["var"] + bn_mod.epsilon)
+    shift = p["bias"].astype(jnp.float32) - stats["mean"] * s
+    if conv_mod.use_bias:
+        shift = shift + cv["params"]["bias"].astype(jnp.float32) * s
+    kernel = (cv["params"]["kernel"].astype(jnp.float32) * s).astype(dtype)
+    dn = lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+    return onednn.fused_conv(x.astype(dtype), kernel, shift, tuple(conv_mod.strides),
+                             tuple(tuple(p) for p in conv_mod.padding), dn, residual, relu)
+
+
 class ConvBNAct(nn.Module):
     """Conv -> BatchNorm -> activation (post-activation unit of ResNet v1, VGG, the simple CNN)."""
     features: int
@@ -115,10 +156,11 @@ class ConvBNAct(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = conv(self.features, self.kernel, self.stride, groups=self.groups,
-                 use_bias=self.use_bias, name="conv", **kw)(x)
-        x = norm(train, name="bn", **kw)(x)
-        return self.act(x) if self.act is not None else x
+        c = conv(self.features, self.kernel, self.stride, groups=self.groups,
+                 use_bias=self.use_bias, name="conv", **kw)
+        if self.act in (None, nn.relu):
+            return conv_bn(x, c, norm(train, name="bn", **kw), train, relu=self.act is not None)
+        return self.act(norm(train, name="bn", **kw)(c(x)))
 
 
 class SqueezeExcite(nn.Module):
@@ -161,8 +203,8 @@ class DenseLayer(nn.Module):
             stats = tuple(jnp.concatenate([s[i] for s in stats]) for i in (0, 1))
         if self.bn_size:
             y = nn.relu(norm(train, name="norm1", **kw)(y, **_given(stats)))
-            y = conv(self.bn_size * self.growth_rate, 1, name="conv1", **kw)(y)
-            y = nn.relu(norm(train, name="norm2", **kw)(y))
+            y = conv_bn(y, conv(self.bn_size * self.growth_rate, 1, name="conv1", **kw),
+                        norm(train, name="norm2", **kw), train)
             y = conv(self.growth_rate, 3, name="conv2", **kw)(y)
         else:
             y = nn.relu(norm(train, name="norm1", **kw)(y, **_given(stats)))
@@ -346,14 +388,24 @@ class _ResidualBlock(nn.Module):
                     y = nn.relu(norm(train, name=f"bn{i + 1}", **kw)(y))
                 y = conv(c, k, s, name=f"conv{i + 1}", **kw)(y)
         else:
+            *units, last = [(conv(c, k, s, name=f"conv{i + 1}", **kw), norm(train, name=f"bn{i + 1}", **kw))
+                            for i, (k, s, c) in enumerate(specs)]
             y = x
-            for i, (k, s, c) in enumerate(specs):
-                y = norm(train, name=f"bn{i + 1}", **kw)(conv(c, k, s, name=f"conv{i + 1}", **kw)(y))
-                y = nn.relu(y) if i < len(specs) - 1 else y
-            shortcut = x
-            if project:
-                shortcut = conv(out_ch, 1, self.stride, name="downsample_conv", **kw)(x)
-                shortcut = norm(train, name="downsample_bn", **kw)(shortcut)
+            for unit in units:
+                y = conv_bn(y, *unit, train)
+
+            def shortcut_of(x):
+                if not project:
+                    return x
+                return conv_bn(x, conv(out_ch, 1, self.stride, name="downsample_conv", **kw),
+                               norm(train, name="downsample_bn", **kw), train, relu=False)
+
+            if not train and not self.se:  # inference: the add and the ReLU fold into the last conv
+                return conv_bn(y, *last, train, residual=shortcut_of(x))
+            # training keeps this order (the shortcut after the branch): XLA's memory-optimized
+            # schedule follows it, and the other order changed resnet18_cifar's step buffers
+            y = conv_bn(y, *last, train, relu=False)
+            shortcut = shortcut_of(x)
         if self.se:
             y = SqueezeExcite(self.se_reduction, name="se", **kw)(y)
         y = y + shortcut

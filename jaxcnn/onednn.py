@@ -144,6 +144,102 @@ def _partitioned(dn: lax.ConvDimensionNumbers):
     return conv
 
 
+# --- Inference: convolution + bias (+ residual) (+ ReLU) in one call, as oneDNN post-ops. ---
+
+def _post_ops(residual: bool, relu: bool) -> tuple:
+    return ("BIAS",) + (("BINARY_ADD",) if residual else ()) + (("RELU",) if relu else ())
+
+
+def _fused_reference(x, w, bias, *residual, strides, pads, dn, relu):
+    """What the fused call computes, by XLA (batching rule, gradient, probe)."""
+    y = _xla_conv(x, w, strides=strides, pads=pads, dn=dn).astype(jnp.float32)
+    shape = [1] * y.ndim
+    shape[dn.out_spec[1]] = -1
+    y = y + bias.astype(jnp.float32).reshape(shape)
+    if residual:
+        y = y + residual[0].astype(jnp.float32)
+    return (jnp.maximum(y, 0) if relu else y).astype(x.dtype)
+
+
+_fused_p = jex_core.Primitive("jaxcnn_onednn_fused_conv")
+_fused_p.def_impl(lambda *args, **params: jax.jit(functools.partial(_fused_p.bind, **params))(*args))
+_fused_p.def_abstract_eval(lambda x, w, *rest, **params: _abstract(x, w, strides=params["strides"],
+                                                                   pads=params["pads"], dn=params["dn"]))
+
+
+def _fused_lower(ctx, x, w, *fused, strides, pads, dn, relu):
+    rhs_shape = ctx.avals_in[1].shape
+    window = [rhs_shape[d] for d in dn.rhs_spec[2:]]
+    config = json.loads(_backend_config(dn, window, pads, strides))
+    config["onednn_conv_config"]["fusions"] = {"ops": list(_post_ops(len(fused) > 1, relu))}
+    out_type = mlir.aval_to_ir_type(ctx.module_context, ctx.avals_out[0])
+    return _custom_call(TARGET, result_types=[out_type], operands=[x, w, *fused], api_version=1,
+                        backend_config=json.dumps(config)).results
+
+
+mlir.register_lowering(_fused_p, _fused_lower, platform="cpu")
+batching.primitive_batchers[_fused_p] = lambda args, dims, **params: (
+    jax.vmap(functools.partial(_fused_reference, **params), in_axes=dims)(*args), 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused(x, w, bias, residual, strides, pads, dn, relu):
+    return _fused_p.bind(x, w, bias, *residual, strides=strides, pads=pads, dn=dn, relu=relu)
+
+
+def _fused_fwd(x, w, bias, residual, *static):
+    return _fused(x, w, bias, residual, *static), (x, w, bias, residual)
+
+
+def _fused_bwd(strides, pads, dn, relu, res, g):  # rare (gradients through an eval-mode model)
+    x, w, bias, residual = res
+    ref = lambda x, w, b, r: _fused_reference(x, w, b, *r, strides=strides, pads=pads, dn=dn, relu=relu)
+    return jax.vjp(ref, x, w, bias, residual)[1](g)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_conv(x, w, bias, strides, padding, dn, residual=None, relu=False):
+    """`conv(x, w) + bias (+ residual)`, then ReLU if `relu`, as one oneDNN convolution with
+    post-ops: the output is written once instead of being re-read by XLA's elementwise fusion
+    (inference, with BatchNorm folded into `w` and `bias`). Accumulates and adds in float32 and
+    rounds once, to x's dtype. None where it does not apply (see `applies`; also: several devices,
+    a batched trace, a residual of another shape or dtype): compute it unfused then."""
+    if not (applies(x, w, strides, padding, None, None, dn, 1) and fused_usable()):
+        return None
+    if jax.device_count() > 1 or any(isinstance(a, _BatchTracer) for a in (x, w, bias, residual)):
+        return None
+    strides, pads = tuple(strides), _pads(x.shape, w.shape, strides, padding, dn)
+    out = jax.eval_shape(functools.partial(_xla_conv, strides=strides, pads=pads, dn=dn), x, w)
+    if residual is not None and (residual.shape != out.shape or residual.dtype != x.dtype):
+        return None
+    res = () if residual is None else (residual,)
+    return _fused(x, w, bias.astype(jnp.float32), res, strides, pads, dn, bool(relu))
+
+
+@functools.lru_cache(maxsize=None)
+def fused_usable() -> bool:
+    """The post-ops work in this jaxlib: one small fused call agrees with XLA."""
+    if not usable():
+        return False
+    try:
+        with jax.ensure_compile_time_eval():
+            rng = np.random.default_rng(1)
+            x = jnp.asarray(rng.standard_normal((2, 6, 5, 3)), jnp.float32)
+            w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+            b = jnp.asarray(rng.standard_normal((4,)), jnp.float32)
+            r = jnp.asarray(rng.standard_normal((2, 6, 5, 4)), jnp.float32)
+            dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+            kw = dict(strides=(1, 1), pads=((1, 1), (1, 1)), dn=dn, relu=True)
+            got = jax.jit(lambda *a: _fused_p.bind(*a, **kw))(x, w, b, r)
+            ok = bool(jnp.allclose(got, _fused_reference(x, w, b, r, **kw), rtol=1e-4, atol=1e-4))
+    except Exception as e:  # pragma: no cover - a jaxlib without post-ops
+        warnings.warn(f"jaxcnn: fused oneDNN convolutions are off ({type(e).__name__}: {e})")
+        return False
+    return ok
+
+
 def _pads(x_shape, w_shape, strides, padding, dn):
     if isinstance(padding, str):
         spatial = [x_shape[d] for d in dn.lhs_spec[2:]]

@@ -46,16 +46,25 @@ DENSE_REMAT = not _PLAIN     # dense blocks with remat=None recompute in trainin
 ONEDNN = not _PLAIN          # oneDNN direct convolutions where jaxcnn.onednn applies (CPU only)
 BIAS_GRAD = not _PLAIN       # convolution bias gradients summed in float32 (add_bias)
 DENSE_BUFFER = not _PLAIN    # dense blocks in inference grow one buffer in place (layers.DenseBlock)
+FOLD_BN = not _PLAIN         # inference: conv + BN (+ add) (+ ReLU) as one oneDNN call (layers.conv_bn)
 _SWITCHES = ("FENCES", "DOT_1X1", "MAX_POOL_GRAD", "CUSTOM_BN", "DENSE_REMAT", "ONEDNN", "BIAS_GRAD",
-             "DENSE_BUFFER")
+             "DENSE_BUFFER", "FOLD_BN")
 
 
-@contextlib.contextmanager
 def enabled(on: bool = True):
     """Turn every switch of this module on or off for models traced inside the block:
     `with ops.enabled(False): ...` gives plain Flax/XLA layers (for comparisons and debugging)."""
-    old = {k: globals()[k] for k in _SWITCHES}
-    globals().update({k: on for k in _SWITCHES})
+    return switched(**{k: on for k in _SWITCHES})
+
+
+@contextlib.contextmanager
+def switched(**values: bool):
+    """Set some switches for models traced inside the block: `ops.switched(FOLD_BN=False)`."""
+    unknown = set(values) - set(_SWITCHES)
+    if unknown:
+        raise ValueError(f"unknown switches {sorted(unknown)}; known: {', '.join(_SWITCHES)}")
+    old = {k: globals()[k] for k in values}
+    globals().update(values)
     try:
         yield
     finally:

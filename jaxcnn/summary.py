@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from jaxcnn import ops
 from jaxcnn.models import create_model
 
 _MB = 1024.0 ** 2
@@ -99,7 +100,9 @@ def summary(model: Union[nn.Module, str], input_shape: Sequence[int], *, batch_s
         return out
 
     def forward(v, x):
-        with nn.intercept_methods(record):
+        # rows come from module calls, so trace without the inference-time conv-BN folding
+        # (layers.conv_bn), which reads the BatchNorm's variables instead of calling it
+        with nn.intercept_methods(record), ops.switched(FOLD_BN=False):
             return model.apply(v, x, train=False)
 
     out = jax.eval_shape(forward, variables, x)

@@ -343,11 +343,7 @@ def test_dense_blocks_grow_one_buffer_in_inference(name):
     hlo = lambda: jax.jit(lambda v, x: model.apply(v, x)).lower(v, x).as_text()
     assert "concatenate" not in hlo() and "dynamic_update_slice" in hlo()
     got = jax.jit(lambda v, x: model.apply(v, x))(v, x)
-    old = ops.DENSE_BUFFER
-    ops.DENSE_BUFFER = False
-    try:  # the concatenating path (training's) gives the same logits
+    with ops.switched(DENSE_BUFFER=False):  # the concatenating path (training's): same logits
         assert "concatenate" in hlo()
         want = jax.jit(lambda v, x: model.apply(v, x))(v, x)
-    finally:
-        ops.DENSE_BUFFER = old
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

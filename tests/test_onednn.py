@@ -166,3 +166,23 @@ def test_batch_sharded_over_four_devices():
     out = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, timeout=180,
                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert "sharded ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name,fused,adds", [("resnet18_cifar", 17, 8), ("densenet_bc_small", 6, 0)])
+def test_inference_folds_batchnorm_into_fused_convolutions(name, fused, adds, make_variables):
+    kw = dict(stage_sizes=(2, 2, 2, 2), width=8) if name == "resnet18_cifar" else dict(growth_rate=4, block_config=(2, 2, 2))
+    model = jaxcnn.create_model(name, num_classes=10, **kw)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    v = make_variables(model, x.shape)
+    fwd = lambda v, x: model.apply(v, x)
+    hlo = jax.jit(lambda v, x: fwd(v, x)).lower(v, x).as_text()
+    # conv-BN-ReLU units: stem + both convs of 8 blocks; densenet: each layer's 1x1 + norm2
+    assert hlo.count("RELU") == fused and hlo.count("BINARY_ADD") == adds
+    saliency = jax.jit(jax.grad(lambda x: fwd(v, x).max(-1).sum()))  # gradients still work
+    got, got_g = jax.jit(fwd)(v, x), saliency(x)
+    with ops.switched(FOLD_BN=False):
+        assert "RELU" not in jax.jit(lambda v, x: fwd(v, x)).lower(v, x).as_text()
+        want = jax.jit(lambda v, x: fwd(v, x))(v, x)
+        want_g = jax.jit(jax.grad(lambda x: fwd(v, x).max(-1).sum()))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-3, atol=1e-4)

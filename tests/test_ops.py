@@ -60,12 +60,10 @@ def test_pointwise_conv_weight_gradient_is_a_matmul():
     assert hlo(grad).count("dot_general") == (1 if onednn.usable() else 3)  # oneDNN: fwd, dgrad
     with ops.enabled(False):
         assert "stablehlo.convolution" in hlo(f)
-    old = ops.ONEDNN
-    ops.ONEDNN = False
-    try:  # without oneDNN every part is a matmul
+    with ops.switched(ONEDNN=False):  # without oneDNN every part is a matmul
         assert "dot_general" in hlo(f) and "convolution" not in hlo(f)
-    finally:
-        ops.ONEDNN = old
+    with pytest.raises(ValueError, match="unknown switches"):
+        ops.switched(ONE_DNN=False).__enter__()
 
 
 @pytest.mark.parametrize("window,stride,pad,size", [(2, 2, 0, 8), (2, 2, 0, 9), (3, 2, 1, 9), (3, 2, 1, 8),

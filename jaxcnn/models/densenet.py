@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxcnn import ops
-from jaxcnn.layers import DenseBlock, Transition, conv, norm, transition_features
+from jaxcnn.layers import DenseBlock, Transition, conv, conv_bn, norm, transition_features
 from jaxcnn.models.registry import register_model
 
 
@@ -36,8 +36,7 @@ class DenseNet(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ch = self.num_init_features or 2 * self.growth_rate
         if self.stem == "imagenet":
-            x = conv(ch, 7, 2, name="conv0", **kw)(x)
-            x = nn.relu(norm(train, name="norm0", **kw)(x))
+            x = conv_bn(x, conv(ch, 7, 2, name="conv0", **kw), norm(train, name="norm0", **kw), train)
             x = ops.max_pool(x, 3, 2, 1)
         elif self.stem == "cifar":
             x = conv(ch, 3, name="conv0", **kw)(x)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxcnn import ops
-from jaxcnn.layers import DenseResidualBlock, Transition, conv, norm
+from jaxcnn.layers import DenseResidualBlock, Transition, conv, conv_bn, norm
 from jaxcnn.models.registry import register_model
 
 
@@ -32,15 +32,12 @@ class ResDenseNet(nn.Module):
     def __call__(self, x, train: bool = False, features_only: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ch = self.num_init_features
-        if self.stem == "imagenet":
-            x = conv(ch, 7, 2, name="stem_conv", **kw)(x)
-            x = nn.relu(norm(train, name="stem_bn", **kw)(x))
-            x = ops.max_pool(x, 3, 2, 1)
-        elif self.stem == "cifar":
-            x = conv(ch, 3, name="stem_conv", **kw)(x)
-            x = nn.relu(norm(train, name="stem_bn", **kw)(x))
-        else:
+        if self.stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+        k, s = (7, 2) if self.stem == "imagenet" else (3, 1)
+        x = conv_bn(x, conv(ch, k, s, name="stem_conv", **kw), norm(train, name="stem_bn", **kw), train)
+        if self.stem == "imagenet":
+            x = ops.max_pool(x, 3, 2, 1)
         self.sow("intermediates", "stem", x)
         for i, n in enumerate(self.block_config):
             x = DenseResidualBlock(n, self.growth_rate, self.bn_size, se=self.se,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxcnn import ops
-from jaxcnn.layers import BasicBlock, Bottleneck, conv, norm
+from jaxcnn.layers import BasicBlock, Bottleneck, conv, conv_bn, norm
 from jaxcnn.models.registry import register_model
 
 
@@ -34,14 +34,10 @@ class ResNet(nn.Module):
     def __call__(self, x, train: bool = False, features_only: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
-        if self.stem == "imagenet":
-            x = conv(self.width, 7, 2, name="conv1", **kw)(x)
-        elif self.stem == "cifar":
-            x = conv(self.width, 3, 1, name="conv1", **kw)(x)
-        else:
+        if self.stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
-        if not self.preact:
-            x = nn.relu(norm(train, name="bn1", **kw)(x))
+        stem = conv(self.width, *((7, 2) if self.stem == "imagenet" else (3, 1)), name="conv1", **kw)
+        x = stem(x) if self.preact else conv_bn(x, stem, norm(train, name="bn1", **kw), train)
         if self.stem == "imagenet":
             x = ops.max_pool(x, 3, 2, 1)
         self.sow("intermediates", "stem", x)
