@@ -336,7 +336,11 @@ def recomputes(model: nn.Module) -> bool:
 
 
 class Transition(nn.Module):
-    """DenseNet transition: BN-ReLU-1x1 conv to `features` channels, then 2x2 average pool."""
+    """DenseNet transition: BN-ReLU-1x1 conv to `features` channels, then 2x2 average pool.
+
+    Computed as pool-then-conv: a bias-free 1x1 convolution and an average pool are both linear
+    and commute, so the result is the same (up to rounding) while the convolution sees a quarter
+    of the pixels, and the pool, written as a reshaped mean, fuses with the BN-ReLU before it."""
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -345,8 +349,15 @@ class Transition(nn.Module):
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.relu(norm(train, name="norm", **kw)(x))
-        x = conv(self.features, 1, name="conv", **kw)(x)
-        return nn.avg_pool(x, (2, 2), (2, 2))
+        return conv(self.features, 1, name="conv", **kw)(avg_pool_2x2(x))
+
+
+def avg_pool_2x2(x):
+    """`nn.avg_pool(x, (2, 2), (2, 2))` (an odd last row or column is dropped) as a reshaped
+    mean: an elementwise-fusible reduction whose gradient is a broadcast."""
+    n, h, w, c = x.shape
+    x = x[:, :h - h % 2, :w - w % 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4), dtype=jnp.float32).astype(x.dtype)
 
 
 def transition_features(channels: int, compression: float) -> int:

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import jaxcnn
+from jax import lax
+
 from jaxcnn import layers, ops
 from conftest import random_variables
 
@@ -347,3 +349,24 @@ def test_dense_blocks_grow_one_buffer_in_inference(name):
         assert "concatenate" in hlo()
         want = jax.jit(lambda v, x: model.apply(v, x))(v, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [8, 9])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_transition_pools_before_its_conv(size, dtype):
+    t = layers.Transition(6, dtype=dtype)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, size, size, 10)), jnp.float32)
+    v = random_variables(t, x.shape)
+
+    def conv_then_pool(v, x):  # the definition (torchvision's order)
+        p, s = v["params"], v["batch_stats"]
+        y = nn.relu(layers.BatchNorm(use_running_average=True, dtype=dtype).apply(
+            {"params": p["norm"], "batch_stats": s["norm"]}, x))
+        y = lax.conv_general_dilated(y, p["conv"]["kernel"].astype(dtype), (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return nn.avg_pool(y.astype(jnp.float32), (2, 2), (2, 2))
+
+    got = t.apply(v, x)
+    assert got.shape == (2, size // 2, size // 2, 6) and got.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), conv_then_pool(v, x), rtol=tol, atol=tol)
