@@ -13,8 +13,10 @@ Measured alone (benchmarks/conv_kernels.py, batch 128, f32, ms): forward 64->64 
 
 What goes to oneDNN: forward convolutions, and input gradients (stride 1: a forward convolution
 of the cotangent with the flipped kernel; strided, NHWC/HWIO: one such convolution per input
-phase, see `_strided_input_grad`). Weight gradients stay on Eigen: as a forward
-convolution their window is the whole image, and oneDNN's kernels for that ran for minutes.
+phase, see `_strided_input_grad`), 1x1 ones included (jaxcnn.ops). Weight gradients stay on
+Eigen (3x3) or a matmul (1x1): as a forward convolution their window is the whole image, and
+oneDNN's kernels for that ran for minutes. In inference, `fused_conv` adds a bias, a residual
+and a ReLU as oneDNN post-ops (jaxcnn.layers.conv_bn folds BatchNorm into it).
 
 When: 2-D, feature_group_count 1, no dilation, padding >= 0, f32 or bf16 operands of one dtype,
 on the CPU backend of jaxlib 0.10.x, and only after a probe (one small strided, padded convolution

@@ -8,8 +8,9 @@ cache-hostile loop: on a ResNet-18 (CIFAR, batch 128) these transpose fusions to
 conv input (forward) and the cotangent (backward) as materialised buffers, which cuts that to
 ~270 ms. `lax.optimization_barrier` does not stop the fusion on CPU; a while loop that XLA cannot
 prove trivial (trip count and a factor of 1 read from the replicated weights at run time) does.
-1x1 convolutions become one matmul over N*H*W rows, whose weight gradient needs no transposed
-copy of the input at all (DenseNet's bottlenecks read the whole concatenated block). Off the
+1x1 convolutions get a weight gradient that is one matmul over N*H*W rows and needs no
+transposed copy of the input at all (DenseNet's bottlenecks read the whole concatenated block);
+their forward and input gradient are oneDNN convolutions where it applies, else matmuls. Off the
 CPU it is plain `lax.conv_general_dilated`. Inference never sees a fence (it lives in the
 forward rule of the VJP, used only under differentiation).
 The forward convolution and the input gradient run on oneDNN's direct kernels where
