@@ -223,23 +223,17 @@ def fused_conv(x, w, bias, strides, padding, dn, residual=None, relu=False):
 @functools.lru_cache(maxsize=None)
 def fused_usable() -> bool:
     """The post-ops work in this jaxlib: one small fused call agrees with XLA."""
-    if not usable():
-        return False
-    try:
-        with jax.ensure_compile_time_eval():
-            rng = np.random.default_rng(1)
-            x = jnp.asarray(rng.standard_normal((2, 6, 5, 3)), jnp.float32)
-            w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
-            b = jnp.asarray(rng.standard_normal((4,)), jnp.float32)
-            r = jnp.asarray(rng.standard_normal((2, 6, 5, 4)), jnp.float32)
-            dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-            kw = dict(strides=(1, 1), pads=((1, 1), (1, 1)), dn=dn, relu=True)
-            got = jax.jit(lambda *a: _fused_p.bind(*a, **kw))(x, w, b, r)
-            ok = bool(jnp.allclose(got, _fused_reference(x, w, b, r, **kw), rtol=1e-4, atol=1e-4))
-    except Exception as e:  # pragma: no cover - a jaxlib without post-ops
-        warnings.warn(f"jaxcnn: fused oneDNN convolutions are off ({type(e).__name__}: {e})")
-        return False
-    return ok
+    def check(rng):
+        x = jnp.asarray(rng.standard_normal((2, 6, 5, 3)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+        b = jnp.asarray(rng.standard_normal((4,)), jnp.float32)
+        r = jnp.asarray(rng.standard_normal((2, 6, 5, 4)), jnp.float32)
+        dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+        kw = dict(strides=(1, 1), pads=((1, 1), (1, 1)), dn=dn, relu=True)
+        got = jax.jit(lambda *a: _fused_p.bind(*a, **kw))(x, w, b, r)
+        return jnp.allclose(got, _fused_reference(x, w, b, r, **kw), rtol=1e-4, atol=1e-4)
+
+    return usable() and _probe("fused oneDNN convolutions", check)
 
 
 def _pads(x_shape, w_shape, strides, padding, dn):
@@ -349,20 +343,28 @@ def usable() -> bool:
         return False
     if _custom_call is None or _jaxlib_version()[:2] != (0, 10) or jax.default_backend() != "cpu":
         return False
-    # The probe runs eagerly even when `usable` is first asked while a step is being traced.
+
+    def check(rng):
+        x = jnp.asarray(rng.standard_normal((2, 7, 6, 3)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((3, 2, 3, 5)), jnp.float32)
+        dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+        params = dict(strides=(2, 1), pads=((1, 0), (0, 1)), dn=dn)
+        got = jax.jit(lambda x, w: conv(x, w, params["strides"], params["pads"], dn))(x, w)
+        want = _xla_conv(x, w, **params)
+        return got.shape == want.shape and jnp.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+    return _probe("oneDNN convolutions", check)
+
+
+def _probe(what: str, check) -> bool:
+    """`check(rng)`, a small call compared with XLA's, run eagerly (even when first asked while a
+    step is being traced); False, with a warning, when it disagrees or XLA rejects the call."""
     try:
         with jax.ensure_compile_time_eval():
-            rng = np.random.default_rng(0)
-            x = jnp.asarray(rng.standard_normal((2, 7, 6, 3)), jnp.float32)
-            w = jnp.asarray(rng.standard_normal((3, 2, 3, 5)), jnp.float32)
-            dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-            params = dict(strides=(2, 1), pads=((1, 0), (0, 1)), dn=dn)
-            got = jax.jit(lambda x, w: conv(x, w, params["strides"], params["pads"], dn))(x, w)
-            want = _xla_conv(x, w, **params)
-            ok = got.shape == want.shape and bool(jnp.allclose(got, want, rtol=1e-4, atol=1e-4))
+            ok = bool(check(np.random.default_rng(0)))
     except Exception as e:  # an XLA that rejects the custom call: stay on XLA's convolutions
-        warnings.warn(f"jaxcnn: oneDNN convolutions are off ({type(e).__name__}: {e})")
+        warnings.warn(f"jaxcnn: {what} are off ({type(e).__name__}: {e})")
         return False
     if not ok:
-        warnings.warn("jaxcnn: oneDNN convolutions are off (the probe disagreed with XLA's)")
+        warnings.warn(f"jaxcnn: {what} are off (the probe disagreed with XLA's)")
     return ok
