@@ -132,8 +132,7 @@ def _folded(x, conv_mod, bn_mod, relu, residual):
     if jnp.dtype(bn_mod.dtype or dtype) != jnp.dtype(dtype):
         return None
     stats, p = bv["batch_stats"], bv["params"]
-    s = p["scale"].astype(jnp.float32) * lax.rsqrt(stats["var"] + bn_mod.epsilon)
-    shift = p["bias"].astype(jnp.float32) - stats["mean"] * s
+    s, shift = ops.bn_affine(stats["mean"], stats["var"], p["scale"], p["bias"], bn_mod.epsilon)
     if conv_mod.use_bias:
         shift = shift + cv["params"]["bias"].astype(jnp.float32) * s
     kernel = (cv["params"]["kernel"].astype(jnp.float32) * s).astype(dtype)
@@ -287,15 +286,14 @@ class DenseBlock(nn.Module):
         # static_argnums counts `self` as 0: argument 2 is `train`.
         layer_cls = (nn.remat(DenseLayer, static_argnums=(2,), methods=["new_features"])
                      if remat and not ops.on_cpu() else DenseLayer)
+        if not train and ops.DENSE_BUFFER and not self.is_initializing():
+            return self._grow_in_place(x, layer_cls)
         # Each feature map's batch statistics, computed once for every later layer's norm1.
         share = ops.CUSTOM_BN and train and not self.is_initializing()
         stats = [ops.batch_stats(x)] if share else None
-        if not train and ops.DENSE_BUFFER and not self.is_initializing():
-            return self._grow_in_place(x, layer_cls)
         features = [x]
         for j in range(self.num_layers):
-            layer = layer_cls(self.growth_rate, self.bn_size, self.drop_rate, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name=f"denselayer{j + 1}")
+            layer = self._layer(layer_cls, j)
             key = self.make_rng("dropout") if train and self.drop_rate > 0 else None
             given = tuple(stats) if share else None
             if remat and ops.on_cpu():
@@ -306,6 +304,10 @@ class DenseBlock(nn.Module):
             if share:
                 stats.append(ops.batch_stats(y))
         return jnp.concatenate(features, axis=-1)
+
+    def _layer(self, layer_cls, j: int):
+        return layer_cls(self.growth_rate, self.bn_size, self.drop_rate, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name=f"denselayer{j + 1}")
 
     def _grow_in_place(self, x, layer_cls):
         """Inference: the block's output is allocated once and each layer writes its k channels
@@ -324,8 +326,7 @@ class DenseBlock(nn.Module):
         load = (lambda a: lax.bitcast_convert_type(a, dtype)) if bits else (lambda a: a)
         buf = store(jnp.pad(x.astype(dtype), ((0, 0),) * (x.ndim - 1) + ((0, self.num_layers * k),)))
         for j in range(self.num_layers):
-            layer = layer_cls(k, self.bn_size, self.drop_rate, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name=f"denselayer{j + 1}")
+            layer = self._layer(layer_cls, j)
             seen = x if j == 0 else load(buf[..., :c + j * k])  # layer 0 sees x, as the list path
             y = layer.new_features((seen,), False)
             buf = lax.dynamic_update_slice_in_dim(buf, store(y.astype(dtype)), c + j * k, axis=-1)

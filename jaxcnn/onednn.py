@@ -55,13 +55,14 @@ TARGET = "__onednn$convolution"
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
-def _backend_config(dn: lax.ConvDimensionNumbers, window, pads, strides) -> str:
+def _backend_config(dn: lax.ConvDimensionNumbers, window, pads, strides, fusions=()) -> str:
     """xla.cpu.BackendConfig (JSON) for the custom call. Field meanings as in XLA's
-    OneDnnContractionRewriter for jaxlib 0.10: zero-based dims, actual window values."""
+    OneDnnContractionRewriter for jaxlib 0.10: zero-based dims, actual window values. `fusions`:
+    oneDNN post-ops (OneDnnFusionConfig kinds), each extra operand after x and w in order."""
     lhs, rhs, out = dn
     data = lambda s: {"batch_dim": s[0], "feature_dim": s[1], "spatial_dims": list(s[2:])}
     rank = len(lhs)
-    return json.dumps({"outer_dimension_partitions": [], "onednn_conv_config": {
+    config = {
         "dims": rank, "feature_groups": 1,
         "input": {"dims": rank, "data": data(lhs)},
         "kernel": {"dims": rank, "filter": {"output_feature_dim": rhs[0], "input_feature_dim": rhs[1],
@@ -69,16 +70,24 @@ def _backend_config(dn: lax.ConvDimensionNumbers, window, pads, strides) -> str:
         "output": {"dims": rank, "data": data(out)},
         "window": {"size": list(window), "pad_left": [p[0] for p in pads],
                    "pad_right": [p[1] for p in pads], "strides": list(strides),
-                   "window_dilations": [1] * len(window)}}})
+                   "window_dilations": [1] * len(window)}}
+    if fusions:
+        config["fusions"] = {"ops": list(fusions)}
+    return json.dumps({"outer_dimension_partitions": [], "onednn_conv_config": config})
 
 
 def _xla_conv(x, w, *, strides, pads, dn):
     return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=dn)
 
 
-_conv_p = jex_core.Primitive("jaxcnn_onednn_conv")
-# Outside a trace, bind compiles the call like any jitted function.
-_conv_p.def_impl(lambda x, w, **params: jax.jit(functools.partial(_conv_p.bind, **params))(x, w))
+def _primitive(name: str) -> jex_core.Primitive:
+    p = jex_core.Primitive(name)
+    # Outside a trace, bind compiles the call like any jitted function.
+    p.def_impl(lambda *args, **params: jax.jit(functools.partial(p.bind, **params))(*args))
+    return p
+
+
+_conv_p = _primitive("jaxcnn_onednn_conv")
 
 
 @_conv_p.def_abstract_eval
@@ -87,12 +96,14 @@ def _abstract(x, w, *, strides, pads, dn):
     return jax.core.ShapedArray(out.shape, out.dtype)
 
 
-def _lower(ctx, x, w, *, strides, pads, dn):
+def _lower(ctx, x, w, *fused, strides, pads, dn, relu=None):
+    """Both primitives: `fused` operands (bias, then a residual) and `relu` only for _fused_p."""
     rhs_shape = ctx.avals_in[1].shape
     window = [rhs_shape[d] for d in dn.rhs_spec[2:]]
+    fusions = _post_ops(len(fused) > 1, relu) if fused else ()
     out_type = mlir.aval_to_ir_type(ctx.module_context, ctx.avals_out[0])
-    return _custom_call(TARGET, result_types=[out_type], operands=[x, w], api_version=1,
-                        backend_config=_backend_config(dn, window, pads, strides)).results
+    return _custom_call(TARGET, result_types=[out_type], operands=[x, w, *fused], api_version=1,
+                        backend_config=_backend_config(dn, window, pads, strides, fusions)).results
 
 
 mlir.register_lowering(_conv_p, _lower, platform="cpu")
@@ -163,23 +174,9 @@ def _fused_reference(x, w, bias, *residual, strides, pads, dn, relu):
     return (jnp.maximum(y, 0) if relu else y).astype(x.dtype)
 
 
-_fused_p = jex_core.Primitive("jaxcnn_onednn_fused_conv")
-_fused_p.def_impl(lambda *args, **params: jax.jit(functools.partial(_fused_p.bind, **params))(*args))
-_fused_p.def_abstract_eval(lambda x, w, *rest, **params: _abstract(x, w, strides=params["strides"],
-                                                                   pads=params["pads"], dn=params["dn"]))
-
-
-def _fused_lower(ctx, x, w, *fused, strides, pads, dn, relu):
-    rhs_shape = ctx.avals_in[1].shape
-    window = [rhs_shape[d] for d in dn.rhs_spec[2:]]
-    config = json.loads(_backend_config(dn, window, pads, strides))
-    config["onednn_conv_config"]["fusions"] = {"ops": list(_post_ops(len(fused) > 1, relu))}
-    out_type = mlir.aval_to_ir_type(ctx.module_context, ctx.avals_out[0])
-    return _custom_call(TARGET, result_types=[out_type], operands=[x, w, *fused], api_version=1,
-                        backend_config=json.dumps(config)).results
-
-
-mlir.register_lowering(_fused_p, _fused_lower, platform="cpu")
+_fused_p = _primitive("jaxcnn_onednn_fused_conv")
+_fused_p.def_abstract_eval(lambda x, w, *fused, relu, **params: _abstract(x, w, **params))
+mlir.register_lowering(_fused_p, _lower, platform="cpu")
 batching.primitive_batchers[_fused_p] = lambda args, dims, **params: (
     jax.vmap(functools.partial(_fused_reference, **params), in_axes=dims)(*args), 0)
 
@@ -213,7 +210,7 @@ def fused_conv(x, w, bias, strides, padding, dn, residual=None, relu=False):
     if jax.device_count() > 1 or any(isinstance(a, _BatchTracer) for a in (x, w, bias, residual)):
         return None
     strides, pads = tuple(strides), _pads(x.shape, w.shape, strides, padding, dn)
-    out = jax.eval_shape(functools.partial(_xla_conv, strides=strides, pads=pads, dn=dn), x, w)
+    out = _abstract(x, w, strides=strides, pads=pads, dn=dn)
     if residual is not None and (residual.shape != out.shape or residual.dtype != x.dtype):
         return None
     res = () if residual is None else (residual,)

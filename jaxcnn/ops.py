@@ -167,7 +167,7 @@ def _pointwise_conv(x, w, strides, precision):
     run on oneDNN where it applies (`_onednn_pointwise`), else they are matmuls too."""
     if strides != (1, 1):
         x = x[:, ::strides[0], ::strides[1], :]
-    if ONEDNN and onednn.applies(x, w, (1, 1), ((0, 0), (0, 0)), None, None, _NHWC, 1):
+    if _on_onednn(x, w, (1, 1), ((0, 0), (0, 0)), None, None, _NHWC, 1, precision):
         return _onednn_pointwise(x, w)
     n, h, wd, c = x.shape
     y = lax.dot_general(x.reshape(n * h * wd, c), w.reshape(c, w.shape[-1]),
@@ -196,7 +196,7 @@ def _onednn_pointwise_fwd(x, w):
 
 def _onednn_pointwise_bwd(res, g):
     x, w = res
-    dx = onednn.conv(g, jnp.swapaxes(w, 2, 3), (1, 1), ((0, 0), (0, 0)), _NHWC)
+    dx = onednn.input_grad(g, w, x.shape, (1, 1), ((0, 0), (0, 0)), _NHWC)
     return dx, _weight_grad_1x1(x, g)
 
 
@@ -351,10 +351,16 @@ def _bn_stats(x):
     return mean, var
 
 
+def bn_affine(mean, var, scale, bias, eps):
+    """BatchNorm with fixed statistics as y = x * a + b: (a, b) per channel, in float32."""
+    a = scale.astype(jnp.float32) * lax.rsqrt(var + eps)
+    return a, bias.astype(jnp.float32) - mean * a
+
+
 def batch_norm_apply(x, mean, var, scale, bias, eps, dtype):
     """y = (x - mean) / sqrt(var + eps) * scale + bias in float32, cast to `dtype`."""
-    a = scale * lax.rsqrt(var + eps)
-    return (x.astype(jnp.float32) * a + (bias - mean * a)).astype(dtype)
+    a, b = bn_affine(mean, var, scale, bias, eps)
+    return (x.astype(jnp.float32) * a + b).astype(dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
