@@ -279,6 +279,31 @@ def test_mix_labels_match_pixels_and_affine_identity():
     np.testing.assert_allclose(random_affine(jax.random.key(6), x, 0.0, 0.0, 0.0), x, atol=1e-4)
 
 
+def test_flip_inside_the_warp_equals_flipping_first():
+    """preprocess folds the flip into the affine warp (one pass, see its comment): the result must
+    be the warp of the mirrored images, and with a zero-strength warp exactly the mirror."""
+    from jaxcnn.data.augment import flip_where, random_affine
+
+    x = jnp.asarray(_batch(16)[0], jnp.float32)
+    flips = jnp.arange(16) % 3 == 0
+    key = jax.random.key(7)
+    inside = random_affine(key, x, 15.0, 0.1, 0.1, flip=flips)
+    first = random_affine(key, flip_where(flips, x), 15.0, 0.1, 0.1)
+    np.testing.assert_allclose(inside, first, rtol=1e-5, atol=1e-3)
+    assert not np.allclose(inside, random_affine(key, x, 15.0, 0.1, 0.1), atol=1.0)
+    np.testing.assert_allclose(random_affine(key, x, 0.0, 0.0, 0.0, flip=flips),
+                               np.where(np.asarray(flips)[:, None, None, None], x[:, :, ::-1], x), atol=1e-4)
+
+    # and through preprocess: a warp of strength ~0 with flip on mirrors some images, not others
+    imgs, y = _batch(64)
+    imgs[:] = imgs[0]
+    out, _ = _pre(AugmentConfig(crop_padding=0, flip=True, rotation=1e-6))(jax.random.key(8), imgs, y)
+    raw = np.asarray(out) * np.array(STD) + np.array(MEAN)
+    same = np.all(np.isclose(raw, imgs[0], atol=1e-2), axis=(1, 2, 3))
+    mirrored = np.all(np.isclose(raw, imgs[0][:, ::-1], atol=1e-2), axis=(1, 2, 3))
+    assert np.all(same | mirrored) and 10 < same.sum() < 54
+
+
 # ---------------------------------------------------------------- batching
 
 
