@@ -359,12 +359,33 @@ class Transition(nn.Module):
         return conv(self.features, 1, name="conv", **kw)(avg_pool_2x2(x))
 
 
+@jax.custom_vjp
 def avg_pool_2x2(x):
-    """`nn.avg_pool(x, (2, 2), (2, 2))` (an odd last row or column is dropped) as a reshaped
-    mean: an elementwise-fusible reduction whose gradient is a broadcast."""
-    n, h, w, c = x.shape
-    x = x[:, :h - h % 2, :w - w % 2]
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4), dtype=jnp.float32).astype(x.dtype)
+    """`nn.avg_pool(x, (2, 2), (2, 2))` (an odd last row or column is dropped), as the sum of four
+    strided slices: one elementwise fusion with whatever comes before it. The same pool as a
+    reshaped mean was an XLA:CPU reduction, 2.5-3.5x slower on the CPU: a transition's
+    BN-ReLU-pool of [128, 32, 32, 160] took 30.3 ms that way, 8.6 ms this way, the same values
+    bit for bit. Accumulates in float32. Its gradient is a broadcast of g / 4."""
+    f = x[:, :x.shape[1] // 2 * 2, :x.shape[2] // 2 * 2].astype(jnp.float32)
+    y = f[:, 0::2, 0::2] + f[:, 0::2, 1::2] + f[:, 1::2, 0::2] + f[:, 1::2, 1::2]
+    return (y * 0.25).astype(x.dtype)
+
+
+def _avg_pool_fwd(x):
+    # The residual is an empty array that only carries x's height, width and dtype: the pooled
+    # input itself (a BN-ReLU output fused into the pool) is never stored.
+    return avg_pool_2x2(x), jnp.zeros(x.shape[1:3] + (0,), x.dtype)
+
+
+def _avg_pool_bwd(res, g):
+    (h, w, _), dtype = res.shape, res.dtype
+    n, hp, wp, c = g.shape
+    g = jnp.broadcast_to((g.astype(jnp.float32) * 0.25)[:, :, None, :, None, :], (n, hp, 2, wp, 2, c))
+    g = g.reshape(n, 2 * hp, 2 * wp, c).astype(dtype)
+    return (jnp.pad(g, ((0, 0), (0, h - 2 * hp), (0, w - 2 * wp), (0, 0))),)  # dropped row/column: 0
+
+
+avg_pool_2x2.defvjp(_avg_pool_fwd, _avg_pool_bwd)
 
 
 def transition_features(channels: int, compression: float) -> int:

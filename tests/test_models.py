@@ -357,6 +357,20 @@ def test_dense_blocks_grow_one_buffer_in_inference(name, dtype):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [8, 7])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_avg_pool_2x2_matches_flax_pool_and_its_gradient(size, dtype):
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, size, size + 2, 5)), dtype)
+    ref = lambda x: nn.avg_pool(x.astype(jnp.float32), (2, 2), (2, 2)).astype(x.dtype)
+    got = layers.avg_pool_2x2(x)
+    assert got.shape == ref(x).shape and got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref(x), np.float32), rtol=1e-6, atol=1e-6)
+    g = jnp.asarray(np.random.default_rng(2).normal(size=got.shape), jnp.float32)
+    grad = lambda f: jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32) * g))(x)
+    np.testing.assert_allclose(np.asarray(grad(layers.avg_pool_2x2), np.float32),
+                               np.asarray(grad(ref), np.float32), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("size", [8, 9])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_transition_pools_before_its_conv(size, dtype):
