@@ -14,7 +14,8 @@ their forward and input gradient are oneDNN convolutions where it applies, else 
 CPU it is plain `lax.conv_general_dilated`. Inference never sees a fence (it lives in the
 forward rule of the VJP, used only under differentiation).
 The forward convolution and the input gradient run on oneDNN's direct kernels where
-`jaxcnn.onednn` applies (jaxlib 0.10 on the CPU); the weight gradient is XLA's.
+`jaxcnn.onednn` applies (jaxlib 0.10 on the CPU); the weight gradient is XLA's, except a 1x1
+convolution's, which is oneDNN's matmul there (`onednn.matmul_tn`).
 
 Max-pooling. JAX differentiates `reduce_window(max)` through a variadic reduce-window that
 carries argmax indices; on XLA:CPU that gradient cost ~40% of a small CNN's training step.
@@ -74,7 +75,6 @@ def switched(**values: bool):
 
 def on_cpu() -> bool:
     return jax.default_backend() == "cpu"
-
 
 
 def fence(xs, w):
@@ -158,7 +158,8 @@ _NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 def _is_pointwise(rhs, padding, lhs_dil, rhs_dil, dn, groups):
     return (rhs.shape[:2] == (1, 1) and groups == 1 and dn == _NHWC
             and all(d == 1 for d in (lhs_dil or ())) and all(d == 1 for d in (rhs_dil or ()))
-            and not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding))
+            and (padding in ("SAME", "SAME_LOWER", "VALID")  # for a 1x1 kernel: no padding
+                 or not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding)))
 
 
 def _pointwise_conv(x, w, strides, precision):
@@ -177,8 +178,11 @@ def _pointwise_conv(x, w, strides, precision):
 
 def _weight_grad_1x1(x, g):
     n, h, wd, c = x.shape
-    return lax.dot_general(x.reshape(n * h * wd, c), g.reshape(n * h * wd, g.shape[-1]),
-                           (((0,), (0,)), ((), ()))).reshape(1, 1, c, g.shape[-1])
+    x2, g2 = x.reshape(n * h * wd, c), g.reshape(n * h * wd, g.shape[-1])
+    dw = onednn.matmul_tn(x2, g2) if ONEDNN else None
+    if dw is None:
+        return lax.dot_general(x2, g2, (((0,), (0,)), ((), ()))).reshape(1, 1, c, g.shape[-1])
+    return dw.astype(x.dtype).reshape(1, 1, c, g.shape[-1])
 
 
 @jax.custom_vjp

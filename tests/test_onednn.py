@@ -91,6 +91,30 @@ def test_bf16_forward_and_gradient(k):
         np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=5e-2, atol=5e-1)
 
 
+@pytest.mark.parametrize("dtype,padding", [(jnp.float32, ((0, 0), (0, 0))), (jnp.bfloat16, "VALID"),
+                                           (jnp.float32, "SAME")])
+def test_pointwise_weight_gradient_is_one_onednn_matmul(dtype, padding):
+    x, w = _pair((4, 7, 5, 12), (1, 1, 12, 6), dtype)
+    g = jnp.asarray(np.random.default_rng(1).standard_normal((4, 7, 5, 6)), dtype)
+    dw = lambda conv: (lambda x, w, g: jax.vjp(lambda w: conv(x, w, (1, 1), padding, dimension_numbers=NHWC), w)[1](g)[0])
+    mine = jax.jit(dw(ops.conv_general_dilated))
+    assert mine.lower(x, w, g).compile().as_text().count(f'custom_call_target="{onednn.MATMUL_TARGET}"') == 1
+    got = mine(x, w, g)
+    assert got.dtype == dtype and got.shape == w.shape
+    want = dw(lax.conv_general_dilated)(x.astype(jnp.float32), w.astype(jnp.float32), g.astype(jnp.float32))
+    # bf16: the same bf16 operands, summed in f32, rounded once (a bf16 ulp: 2^-8 relative)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-5 if dtype == jnp.float32 else 8e-3,
+                               atol=1e-4)
+    with ops.enabled(False):
+        assert jax.jit(dw(ops.conv_general_dilated)).lower(x, w, g).compile().as_text().count(onednn.MATMUL_TARGET) == 0
+
+
+def test_matmul_probe_passes_here():
+    assert onednn.matmul_usable()
+    a = jnp.ones((3, 4, 2))
+    assert onednn.matmul_tn(a, a) is None  # not 2-D: XLA's
+
+
 @pytest.mark.parametrize("kw", [dict(feature_group_count=2), dict(rhs_dilation=(2, 2))])
 def test_unsupported_convolutions_stay_on_xla(kw):
     x, w = _pair((2, 8, 8, 4), (3, 3, 2 if kw.get("feature_group_count") else 4, 6))
@@ -158,6 +182,13 @@ ref = lambda x, w: jnp.sum(jnp.sin(nn.max_pool(lax.conv_general_dilated(x, w, (2
                                                (3, 3), (2, 2), pad)))
 for a, b in zip(jax.jit(jax.grad(mine, (0, 1)))(x, w), jax.grad(ref, (0, 1))(x, w)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+# a 1x1 convolution's weight gradient: one oneDNN matmul per device over its own rows, summed
+w1 = jax.device_put(jnp.asarray(rng.standard_normal((1, 1, 3, 5)), jnp.float32), NamedSharding(mesh, P()))
+g1 = jax.jit(jax.grad(loss(ops.conv_general_dilated), 1))
+hlo = g1.lower(x, w1).compile().as_text()
+mm = [l for l in hlo.splitlines() if 'custom_call_target="__onednn$matmul"' in l]
+assert len(mm) == 1 and "f32[72,3]" in hlo and "f32[288,3]" not in hlo and "all-reduce" in hlo, mm
+np.testing.assert_allclose(g1(x, w1), jax.grad(loss(lax.conv_general_dilated), 1)(x, w1), rtol=1e-4, atol=1e-4)
 print("sharded ok")
 """
 
