@@ -82,6 +82,16 @@ def test_max_pool_equals_flax(window, stride, pad, size, ties):
     np.testing.assert_allclose(g1, g2, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("window,stride,pad", [(2, 2, 0), (3, 2, 1)])
+def test_max_pool_forward_is_elementwise_and_exact_in_bf16(window, stride, pad):
+    x = _rand((2, 9, 9, 4), 0).astype(jnp.bfloat16).at[0, 1, 1, 0].set(jnp.nan)
+    ours = jax.jit(lambda x: ops.max_pool(x, window, stride, pad))
+    assert "reduce_window" not in ours.lower(x).as_text()  # the taps' maximum on the CPU
+    ref = nn.max_pool(x, (window, window), (stride, stride), padding=((pad, pad), (pad, pad)))
+    assert ours(x).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(ours(x), np.float32), np.asarray(ref, np.float32))  # NaN too
+
+
 def test_max_pool_gradient_has_no_argmax_window():
     x = _rand((2, 8, 8, 3), 0)
     hlo = jax.jit(jax.grad(lambda x: ops.max_pool(x, 2, 2).sum())).lower(x).as_text()
