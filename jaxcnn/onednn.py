@@ -298,8 +298,9 @@ def _partitioned_matmul():
 def matmul_tn(a, b):
     """`a.T @ b` in float32 (a: [K, M], b: [K, N], one float dtype) by oneDNN, accumulating in
     float32. For a 1x1 convolution's weight gradient (K: batch x height x width rows) XLA:CPU
-    upcast bf16 operands to f32 copies and then multiplied them by Eigen: [131072, 128] x
-    [131072, 32] took 16.1 ms that way in bf16, 4.4 ms here (f32: 10.4 -> 6.5; 2-core CPU).
+    upcast bf16 operands to f32 copies and then multiplied them by Eigen: [147968, 128] x
+    [147968, 32] (128 x 34 x 34 rows) took 16.1 ms that way in bf16, 4.4 ms here (f32: 10.4 ->
+    6.5; 2-core CPU).
     None where it does not apply: compute it with XLA then."""
     if not (a.ndim == b.ndim == 2 and a.shape[0] == b.shape[0] and a.dtype == b.dtype
             and jnp.dtype(a.dtype) in _DTYPES and matmul_usable()):
