@@ -17,8 +17,9 @@ phase, see `_strided_input_grad`), 1x1 ones included (jaxcnn.ops). A 1x1 convolu
 gradient is one oneDNN matmul over the batch's rows (`matmul_tn`, bf16 operands accumulated in
 f32). 3x3 weight gradients stay on Eigen: as a forward convolution their window is the whole
 image, and oneDNN's kernels for that ran for minutes; as a matmul over shifted copies of the
-input (im2col) they were slower than Eigen's except at 128->32 channels in bf16. In inference, `fused_conv` adds a bias, a residual
-and a ReLU as oneDNN post-ops (jaxcnn.layers.conv_bn folds BatchNorm into it).
+input (im2col) they were slower than Eigen's except at 128->32 channels in bf16. In inference,
+`fused_conv` adds a bias, a residual and a ReLU as oneDNN post-ops (jaxcnn.layers.conv_bn folds
+BatchNorm into it).
 
 When: 2-D, feature_group_count 1, no dilation, padding >= 0, f32 or bf16 operands of one dtype,
 on the CPU backend of jaxlib 0.10.x, and only after a probe (one small strided, padded convolution
@@ -119,6 +120,13 @@ def _batch(args, dims, **params):
 batching.primitive_batchers[_conv_p] = _batch
 
 
+def _sharded_axis(arg_shapes, dim: int):
+    """The mesh axis (or axes) over which dimension `dim` of the first operand is sharded."""
+    sh = arg_shapes[0].sharding
+    spec = tuple(sh.spec) if isinstance(sh, NamedSharding) else ()
+    return spec[dim] if dim < len(spec) else None
+
+
 @functools.lru_cache(maxsize=None)
 def _partitioned(dn: lax.ConvDimensionNumbers):
     """The custom call as a `custom_partitioning` function for several devices: the batch axis
@@ -129,19 +137,14 @@ def _partitioned(dn: lax.ConvDimensionNumbers):
     def conv(x, w, strides, pads):
         return _conv_p.bind(x, w, strides=strides, pads=pads, dn=dn)
 
-    def batch_axis(arg_shapes):  # the mesh axis (or axes) of the input's batch dimension
-        sh = arg_shapes[0].sharding
-        spec = tuple(sh.spec) if isinstance(sh, NamedSharding) else ()
-        return spec[lhs[0]] if lhs[0] < len(spec) else None
-
     def spec(batch_dim, axis, rank):
         return PartitionSpec(*[axis if d == batch_dim else None for d in range(rank)])
 
     def infer(strides, pads, mesh, arg_shapes, result_shape):
-        return NamedSharding(mesh, spec(out[0], batch_axis(arg_shapes), len(out)))
+        return NamedSharding(mesh, spec(out[0], _sharded_axis(arg_shapes, lhs[0]), len(out)))
 
     def partition(strides, pads, mesh, arg_shapes, result_shape):
-        axis, rank = batch_axis(arg_shapes), len(lhs)
+        axis, rank = _sharded_axis(arg_shapes, lhs[0]), len(lhs)
         local = lambda x, w: _conv_p.bind(x, w, strides=strides, pads=pads, dn=dn)
         return (mesh, local, NamedSharding(mesh, spec(out[0], axis, rank)),
                 (NamedSharding(mesh, spec(lhs[0], axis, rank)), NamedSharding(mesh, PartitionSpec())))
@@ -273,16 +276,11 @@ def _partitioned_matmul():
     def mm(a, b):
         return _matmul_p.bind(a, b)
 
-    def row_axis(arg_shapes):
-        sh = arg_shapes[0].sharding
-        spec = tuple(sh.spec) if isinstance(sh, NamedSharding) else ()
-        return spec[0] if spec else None
-
     def infer(mesh, arg_shapes, result_shape):
         return NamedSharding(mesh, PartitionSpec())
 
     def partition(mesh, arg_shapes, result_shape):
-        axis = row_axis(arg_shapes)
+        axis = _sharded_axis(arg_shapes, 0)
         rows = NamedSharding(mesh, PartitionSpec(axis, None))
 
         def local(a, b):
@@ -305,11 +303,9 @@ def matmul_tn(a, b):
     if not (a.ndim == b.ndim == 2 and a.shape[0] == b.shape[0] and a.dtype == b.dtype
             and jnp.dtype(a.dtype) in _DTYPES and matmul_usable()):
         return None
-    if any(isinstance(v, _BatchTracer) for v in (a, b)):
-        return None
-    if jax.device_count() > 1:
+    if jax.device_count() > 1 and not any(isinstance(v, _BatchTracer) for v in (a, b)):
         return _partitioned_matmul()(a, b)
-    return _matmul_p.bind(a, b)
+    return _matmul_p.bind(a, b)  # under vmap, the batching rule multiplies with XLA
 
 
 @functools.lru_cache(maxsize=None)

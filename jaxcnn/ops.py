@@ -182,7 +182,7 @@ def _weight_grad_1x1(x, g):
     x2, g2 = x.reshape(n * h * wd, c), g.reshape(n * h * wd, g.shape[-1])
     dw = onednn.matmul_tn(x2, g2) if ONEDNN else None
     if dw is None:
-        return lax.dot_general(x2, g2, (((0,), (0,)), ((), ()))).reshape(1, 1, c, g.shape[-1])
+        dw = lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
     return dw.astype(x.dtype).reshape(1, 1, c, g.shape[-1])
 
 
@@ -245,9 +245,15 @@ def max_pool(x, window: int, stride: int, padding: int = 0):
     return _max_pool(x, window, stride, padding)
 
 
-def _pool_taps(xp, window: int, stride: int, ho: int, wo: int) -> list:
-    """Per window tap (i, j), row-major, the strided slice of the padded input `xp` that holds
-    that tap of every window: arrays of the output's shape."""
+def _pad_inf(x, padding: int):
+    """x padded by `padding` on each side of H and W with -inf, as a max-pool counts padding."""
+    return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+                   constant_values=-jnp.inf) if padding else x
+
+
+def pool_taps(xp, window: int, stride: int, ho: int, wo: int) -> list:
+    """Per window tap (i, j), row-major, the strided slice of the (padded) NHWC input `xp` that
+    holds that tap of every window: `window`**2 arrays [N, ho, wo, C]."""
     n, c = xp.shape[0], xp.shape[3]
     return [lax.slice(xp, (0, i, j, 0), (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
                       (1, stride, stride, 1)) for i in range(window) for j in range(window)]
@@ -262,10 +268,8 @@ def _max_of_taps(x, window: int, stride: int, padding: int):
     if not on_cpu():
         return _max_pool_window(x, window, stride, padding)
     _, h, w, _ = x.shape
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
-                 constant_values=-jnp.inf) if padding else x
     ho, wo = (h + 2 * padding - window) // stride + 1, (w + 2 * padding - window) // stride + 1
-    taps = _pool_taps(xp, window, stride, ho, wo)
+    taps = pool_taps(_pad_inf(x, padding), window, stride, ho, wo)
     y = taps[0]
     for t in taps[1:]:
         y = jnp.maximum(y, t)
@@ -289,14 +293,13 @@ def _max_pool_bwd(window, stride, padding, res, g):
     x, y = res
     if window == stride and padding == 0:
         return (_tiled_max_pool_bwd(x, y, g, stride),)
-    p = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-    xp = jnp.pad(x, p, constant_values=-jnp.inf) if padding else x
+    xp = _pad_inf(x, padding)
     hp, wp = xp.shape[1:3]
     ho, wo = y.shape[1:3]
     zero = jnp.zeros((), g.dtype)
     taps = [(i, j) for i in range(window) for j in range(window)]
     ends = [(i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1) for i, j in taps]
-    first = _first_max(_pool_taps(xp, window, stride, ho, wo), y)
+    first = _first_max(pool_taps(xp, window, stride, ho, wo), y)
     if FENCES and on_cpu():
         # The scatter below reads `first` and g once per tap. Unfenced, XLA fused their
         # producers into it (the taps' compares, and in bf16 the whole dense-block gradient
