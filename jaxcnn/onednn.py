@@ -15,9 +15,9 @@ What goes to oneDNN: forward convolutions, and input gradients (stride 1: a forw
 of the cotangent with the flipped kernel; strided, NHWC/HWIO: one such convolution per input
 phase, see `_strided_input_grad`), 1x1 ones included (jaxcnn.ops). A 1x1 convolution's weight
 gradient is one oneDNN matmul over the batch's rows (`matmul_tn`, bf16 operands accumulated in
-f32). 3x3 weight gradients stay on Eigen: as a forward convolution their window is the whole
-image, and oneDNN's kernels for that ran for minutes; as a matmul over shifted copies of the
-input (im2col) they were slower than Eigen's except at 128->32 channels in bf16. In inference,
+f32). Other weight gradients cannot go through this thunk (it runs forward convolutions only; as
+a forward convolution a 3x3 weight gradient's window is the whole image, and oneDNN's kernels for
+that ran for minutes): `jaxcnn.dnnl` calls oneDNN's backward-weights kernels in its own library. In inference,
 `fused_conv` adds a bias, a residual and a ReLU as oneDNN post-ops (jaxcnn.layers.conv_bn folds
 BatchNorm into it).
 

@@ -14,8 +14,10 @@ their forward and input gradient are oneDNN convolutions where it applies, else 
 CPU it is plain `lax.conv_general_dilated`. Inference never sees a fence (it lives in the
 forward rule of the VJP, used only under differentiation).
 The forward convolution and the input gradient run on oneDNN's direct kernels where
-`jaxcnn.onednn` applies (jaxlib 0.10 on the CPU); the weight gradient is XLA's, except a 1x1
-convolution's, which is oneDNN's matmul there (`onednn.matmul_tn`).
+`jaxcnn.onednn` applies (jaxlib 0.10 on the CPU); the weight gradient on oneDNN's backward-weights
+kernels through its own library where `jaxcnn.dnnl` applies (then no fence is needed: that call
+reads its operands from buffers and transposes nothing), a 1x1 convolution's as oneDNN's matmul
+(`onednn.matmul_tn`), else XLA's, fenced.
 
 Max-pooling. JAX differentiates `reduce_window(max)` through a variadic reduce-window that
 carries argmax indices; on XLA:CPU that gradient cost ~40% of a small CNN's training step.
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxcnn import onednn
+from jaxcnn import dnnl, onednn
 
 # Switches, read when a model is traced (so one process can compare both settings; see
 # `enabled`). JAXCNN_PLAIN_OPS=1 in the environment starts with all of them off.
@@ -50,8 +52,9 @@ ONEDNN = not _PLAIN          # oneDNN direct convolutions where jaxcnn.onednn ap
 BIAS_GRAD = not _PLAIN       # convolution bias gradients summed in float32 (add_bias)
 DENSE_BUFFER = not _PLAIN    # dense blocks in inference grow one buffer in place (layers.DenseBlock)
 FOLD_BN = not _PLAIN         # inference: conv + BN (+ add) (+ ReLU) as one oneDNN call (layers.conv_bn)
+DNNL_WGRAD = not _PLAIN      # convolution weight gradients by oneDNN's library (jaxcnn.dnnl; CPU only)
 _SWITCHES = ("FENCES", "DOT_1X1", "MAX_POOL_GRAD", "CUSTOM_BN", "DENSE_REMAT", "ONEDNN", "BIAS_GRAD",
-             "DENSE_BUFFER", "FOLD_BN")
+             "DENSE_BUFFER", "FOLD_BN", "DNNL_WGRAD")
 
 
 def enabled(on: bool = True):
@@ -125,17 +128,27 @@ def _fenced_conv(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups, precision
     return _conv(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups, precision)
 
 
+def _wgrad_by_dnnl(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups, precision) -> bool:
+    return DNNL_WGRAD and dnnl.applies(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups)
+
+
 def _fenced_fwd(x, w, *static):
-    (x,) = _materialize((x,), w)
+    if not _wgrad_by_dnnl(x, w, *static):  # only XLA's weight gradient needs the fences
+        (x,) = _materialize((x,), w)
     return _conv(x, w, *static), (x, w)
 
 
 def _fenced_bwd(*args):
     *static, (x, w), g = args
     strides, padding, _, _, dn, _, _ = static
-    (g,) = _materialize((g,), w)
-    # The weight gradient is XLA's; the input gradient oneDNN's where it applies (see onednn).
-    dw = jax.vjp(lambda w: _xla_conv(x, w, *static), w)[1](g)[0]
+    # Both gradients by oneDNN where it applies (dnnl, onednn), else XLA's.
+    dw = None
+    if _wgrad_by_dnnl(x, w, *static):
+        dw = dnnl.weight_grad(x, g, w.shape, strides, padding, w.dtype)
+    else:
+        (g,) = _materialize((g,), w)
+    if dw is None:
+        dw = jax.vjp(lambda w: _xla_conv(x, w, *static), w)[1](g)[0]
     dx = None
     if _on_onednn(x, w, *static):
         dx = onednn.input_grad(g, w, x.shape, strides, padding, dn)

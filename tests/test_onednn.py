@@ -189,6 +189,14 @@ hlo = g1.lower(x, w1).compile().as_text()
 mm = [l for l in hlo.splitlines() if 'custom_call_target="__onednn$matmul"' in l]
 assert len(mm) == 1 and "f32[72,3]" in hlo and "f32[288,3]" not in hlo and "all-reduce" in hlo, mm
 np.testing.assert_allclose(g1(x, w1), jax.grad(loss(lax.conv_general_dilated), 1)(x, w1), rtol=1e-4, atol=1e-4)
+# a 3x3 convolution's weight gradient by oneDNN's library (jaxcnn.dnnl): one call per device on
+# its own 2 images, then summed
+from jaxcnn import dnnl
+if dnnl.usable():
+    hlo = grad.lower(x, w).compile().as_text()
+    wg = [l for l in hlo.splitlines() if f'custom_call_target="{dnnl.TARGET}"' in l]
+    assert len(wg) == 1 and f"all-reduce({wg[0].split('=')[0].strip()})" in hlo, wg
+    assert "f32[2,6,6,3]" in hlo and "f32[8,6,6,3]" not in hlo
 print("sharded ok")
 """
 

@@ -1,0 +1,92 @@
+"""oneDNN weight gradients (jaxcnn.dnnl): the same gradients as XLA's, one library call per
+convolution where they apply, XLA's elsewhere, and errors reported instead of crashing."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jaxcnn  # noqa: F401  (XLA flags before the backend starts)
+from jaxcnn import dnnl, ops
+
+pytestmark = pytest.mark.skipif(not dnnl.usable(), reason="oneDNN's library (onednn-cpu-gomp) is not usable here")
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _calls(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).compile().as_text().count(f'custom_call_target="{dnnl.TARGET}"')
+
+
+def _loss(conv, strides, padding):
+    return lambda x, w: jnp.sum(jnp.sin(conv(x, w, strides, padding, dimension_numbers=NHWC).astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding", [
+    ((4, 9, 9, 5), (3, 3, 5, 6), (1, 1), "SAME"),
+    ((4, 8, 8, 5), (3, 3, 5, 6), (2, 2), ((1, 1), (1, 1))),   # ResNet's downsampling
+    ((4, 8, 8, 5), (3, 3, 5, 6), (2, 2), "SAME"),             # asymmetric: (0, 1)
+    ((2, 16, 16, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3))),  # ImageNet stem
+    ((2, 9, 8, 3), (3, 2, 3, 5), (2, 1), ((1, 0), (0, 1))),
+    ((3, 8, 7, 4), (3, 3, 4, 4), (1, 1), "VALID")])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_weight_gradient_matches_xla(x_shape, w_shape, strides, padding, dtype):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape), dtype)
+    w = jnp.asarray(rng.standard_normal(w_shape) * 0.3, dtype)
+    mine = jax.jit(jax.grad(_loss(ops.conv_general_dilated, strides, padding), 1))
+    with ops.switched(DNNL_WGRAD=False):
+        ref = jax.jit(jax.grad(_loss(ops.conv_general_dilated, strides, padding), 1))(x, w)
+    exact = jax.grad(_loss(lax.conv_general_dilated, strides, padding), 1)(x.astype(jnp.float32), w.astype(jnp.float32))
+    got = mine(x, w)
+    assert got.dtype == dtype and got.shape == w.shape
+    tol = 1e-4 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(np.float32(got), np.float32(ref), rtol=tol, atol=tol * np.abs(exact).max())
+    if dtype == jnp.bfloat16:  # accumulated in f32 and rounded once: at least as close as XLA's
+        err = lambda a: np.abs(np.float32(a) - exact).max()
+        assert err(got) <= err(ref) * 1.01 + 1e-6
+    assert _calls(jax.grad(_loss(ops.conv_general_dilated, strides, padding), 1), x, w) == 1
+    with ops.switched(DNNL_WGRAD=False):
+        assert _calls(jax.grad(_loss(ops.conv_general_dilated, strides, padding), 1), x, w) == 0
+
+
+def test_kernels_are_oneDNN_jit_ones():
+    """The blocked weight layout lets oneDNN pick its direct kernels; a forced HWIO one made it
+    fall back to im2col + GEMM ('gemm:jit', 2-3x slower)."""
+    impl = dnnl.implementation((8, 16, 16, 32), (8, 16, 16, 32), (3, 3, 32, 32), (1, 1), ((1, 1), (1, 1)),
+                               jnp.float32)
+    assert impl.startswith("jit") and "gemm" not in impl, impl
+
+
+def test_vmap_and_other_layouts_stay_on_xla():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 3, 8, 8, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
+    g = lambda x, w: jax.grad(_loss(ops.conv_general_dilated, (1, 1), "SAME"), 1)(x, w)
+    per = jax.jit(jax.vmap(g, in_axes=(0, None)))
+    np.testing.assert_allclose(per(x, w)[1], jax.grad(_loss(lax.conv_general_dilated, (1, 1), "SAME"), 1)(x[1], w),
+                               rtol=1e-4, atol=1e-4)
+    assert _calls(jax.vmap(g, in_axes=(0, None)), x, w) == 0
+    xn = jnp.transpose(x[0], (0, 3, 1, 2))  # NCHW
+    f = lambda x, w: jnp.sum(ops.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "HWIO", "NCHW")))
+    assert _calls(jax.grad(f, 1), xn, w) == 0
+
+
+def test_a_failing_call_raises_instead_of_crashing(monkeypatch):
+    def broken(self, plan, x, g, out):  # noqa: ARG001
+        raise RuntimeError("simulated oneDNN failure")
+    monkeypatch.setattr(type(dnnl._runtime()), "execute", broken)
+    x = jnp.ones((2, 6, 6, 3), jnp.float32)
+    w = jnp.ones((3, 3, 3, 4), jnp.float32)
+    with pytest.raises(Exception, match="simulated oneDNN failure"):
+        jax.block_until_ready(jax.jit(jax.grad(_loss(ops.conv_general_dilated, (1, 1), "SAME"), 1))(x, w))
+
+
+def test_off_when_switched_off():
+    code = "import jaxcnn, jax; from jaxcnn import dnnl; print(dnnl.usable())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAXCNN_DNNL": "0"})
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
