@@ -125,3 +125,18 @@ def test_batchnorm_equals_flax(dtype, shape):
     y2 = layers.BatchNorm(use_running_average=True, dtype=dtype).apply(v, x)
     assert y1.dtype == y2.dtype == dtype
     np.testing.assert_allclose(np.asarray(y1, np.float32), np.asarray(y2, np.float32), **tol)
+
+
+def test_overlapping_max_pool_gradient_sums_bf16_in_f32():
+    """3x3/2 windows overlap: an input that is the maximum of several windows gets the sum of their
+    cotangents. In bf16 that sum is taken in f32 and rounded once, so it equals the f32 gradient
+    (of the same bf16 inputs) rounded to bf16, exactly; rounding after each add did not."""
+    rng = np.random.default_rng(3)
+    # small integers make many ties between windows' maxima, hence many multi-window sums
+    x = jnp.asarray(rng.integers(0, 3, (2, 13, 12, 3)), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((2, 7, 6, 3)) * 100, jnp.bfloat16)
+    grad = lambda x: jax.vjp(lambda x: ops.max_pool(x, 3, 2, 1), x)[1](g.astype(x.dtype))[0]
+    got = jax.jit(grad)(x)
+    want = jax.jit(grad)(x.astype(jnp.float32)).astype(jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.float32(got), np.float32(want))
