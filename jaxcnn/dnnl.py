@@ -94,8 +94,8 @@ class _Dnnl:
         self.engine, self.stream = _vp(), _vp()
         self._check(lib.dnnl_engine_create(ctypes.byref(self.engine), _CPU, 0), "engine")
         self._check(lib.dnnl_stream_create(ctypes.byref(self.stream), self.engine, _IN_ORDER), "stream")
-        # Scratchpads owned by jaxcnn (one per primitive, kept): oneDNN's own are allocated and
-        # freed on every call, and their page faults cost more than the kernels gained.
+        # Scratchpads owned by jaxcnn, one per primitive and kept between calls, so that a call
+        # allocates nothing (user scratchpad mode).
         self.attr = _vp()
         self._check(lib.dnnl_primitive_attr_create(ctypes.byref(self.attr)), "attributes")
         self._check(lib.dnnl_primitive_attr_set_scratchpad_mode(self.attr, _SCRATCHPAD_USER), "attributes")
