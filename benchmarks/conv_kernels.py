@@ -1,6 +1,7 @@
 """The convolutions alone: what a jaxcnn step runs (oneDNN's direct kernels for the forward and the
-stride-1 input gradient, XLA's Eigen kernel for the weight gradient; see jaxcnn/onednn.py), XLA:CPU's
-own kernels (JAXCNN_ONEDNN=0) and PyTorch's (oneDNN), shape by shape, for the 3x3 convolutions of
+input gradient, jaxcnn/onednn.py; oneDNN's backward-weights kernels for the weight gradient,
+jaxcnn/dnnl.py, since 4732fcb: RESULTS-conv*.md predate it), XLA:CPU's own kernels
+(JAXCNN_ONEDNN=0, which turns both off) and PyTorch's (oneDNN), shape by shape, for the 3x3 convolutions of
 resnet18_cifar and densenet_bc_100_12 at batch 128.
 
     python benchmarks/conv_kernels.py                  # writes benchmarks/RESULTS-conv.md

@@ -20,8 +20,8 @@ oneDNN reorder turns it into an HWIO f32 array that XLA copies back (a few MB at
 
 When: NHWC/HWIO, 2-D, no dilation, feature_group_count 1, f32 or bf16 operands of one dtype, on
 the CPU, not under vmap, and only after a probe (a small strided, padded gradient compared with
-XLA's) passed in this process. JAXCNN_DNNL=0 turns it off; JAXCNN_DNNL_LIB=/path/libdnnl.so.3
-picks the library. With several devices the call runs per device on its shard of the batch,
+XLA's) passed in this process. JAXCNN_DNNL=0 turns it off (JAXCNN_ONEDNN=0 too, with the other
+oneDNN paths); JAXCNN_DNNL_LIB=/path/libdnnl.so.3 picks the library. With several devices the call runs per device on its shard of the batch,
 followed by a psum (`custom_partitioning`, as for jaxcnn.onednn's matmul).
 """
 from __future__ import annotations
@@ -180,7 +180,9 @@ class _Dnnl:
 @functools.lru_cache(maxsize=None)
 def _runtime():
     """The loaded library, or None (switched off, not installed, not oneDNN 3, no callbacks)."""
-    if os.environ.get("JAXCNN_DNNL", "1") in ("0", "false", "False") or onednn._custom_call is None:
+    off = ("0", "false", "False")  # JAXCNN_ONEDNN=0 turns off every oneDNN path, JAXCNN_DNNL=0 this one
+    if os.environ.get("JAXCNN_DNNL", "1") in off or os.environ.get("JAXCNN_ONEDNN", "1") in off \
+            or onednn._custom_call is None:
         return None
     path = _library_path()
     if not path:

@@ -85,8 +85,9 @@ def test_a_failing_call_raises_instead_of_crashing(monkeypatch):
         jax.block_until_ready(jax.jit(jax.grad(_loss(ops.conv_general_dilated, (1, 1), "SAME"), 1))(x, w))
 
 
-def test_off_when_switched_off():
+@pytest.mark.parametrize("var", ["JAXCNN_DNNL", "JAXCNN_ONEDNN"])
+def test_off_when_switched_off(var):
     code = "import jaxcnn, jax; from jaxcnn import dnnl; print(dnnl.usable())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "JAXCNN_DNNL": "0"})
+                         env={**os.environ, var: "0"})
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
