@@ -14,15 +14,14 @@ Batch 128, NHWC, 2-core Zen 5, ms (Eigen as XLA runs it / oneDNN here):
 jaxlib bundles oneDNN but runs only its forward convolutions and matmuls (jaxcnn.onednn), and
 exports none of its symbols. So jaxcnn loads oneDNN's own shared library (the `onednn-cpu-gomp`
 wheel, oneDNN 3.x, a dependency on Linux x86-64) with ctypes and calls it from inside the
-compiled step through XLA's host-callback custom call: the operands arrive as NumPy views of
-XLA's buffers (no copy), oneDNN writes the gradient in its preferred blocked layout, and a
-oneDNN reorder turns it into an HWIO f32 array that XLA copies back (a few MB at most).
+compiled step as an XLA typed-FFI custom call whose handler is a ctypes function: it gets the
+addresses of XLA's buffers (no copy), oneDNN writes the gradient in its preferred blocked layout,
+and a oneDNN reorder writes it into XLA's output buffer as HWIO f32.
 
-When: NHWC/HWIO, 2-D, no dilation, feature_group_count 1, f32 or bf16 operands of one dtype, on
-the CPU, not under vmap, and only after a probe (a small strided, padded gradient compared with
-XLA's) passed in this process. JAXCNN_DNNL=0 turns it off (JAXCNN_ONEDNN=0 too, with the other
-oneDNN paths); JAXCNN_DNNL_LIB=/path/libdnnl.so.3 picks the library. With several devices the call runs per device on its shard of the batch,
-followed by a psum (`custom_partitioning`, as for jaxcnn.onednn's matmul).
+When: where jaxcnn.onednn's convolutions apply, for NHWC/HWIO convolutions, not under vmap, and
+only after a probe (a small strided, padded gradient compared with XLA's) passed in this process. JAXCNN_DNNL=0 turns it off (JAXCNN_ONEDNN=0 too, with the other
+oneDNN paths); JAXCNN_DNNL_LIB=/path/libdnnl.so.3 picks the library. With several devices the
+call runs per device on its shard of the batch, followed by a psum (`onednn.rows_summed`).
 """
 from __future__ import annotations
 
@@ -37,9 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import batching, mlir
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcnn import onednn
 
@@ -77,6 +74,12 @@ def _library_path():
             if f.name == "libdnnl.so.3":
                 return str(f.locate())
     return ctypes.util.find_library("dnnl")
+
+
+def _key(x_shape, g_shape, w_shape, strides, pads, dtype) -> tuple:
+    """What a weight-gradient primitive is built for (the lowering and the handler both ask)."""
+    return (tuple(x_shape), tuple(g_shape), tuple(w_shape), tuple(strides),
+            tuple(tuple(p) for p in pads), jnp.dtype(dtype).name)
 
 
 class _Dnnl:
@@ -142,44 +145,56 @@ class _Dnnl:
         blocked = _vp(lib.dnnl_primitive_desc_query_md(bwd, _QUERY_EXEC_ARG_MD, _ARG_DIFF_WEIGHTS))
         self._check(lib.dnnl_reorder_primitive_desc_create(
             byref(reorder), blocked, self.engine, hwio, self.engine, self.attr), "reorder descriptor")
-        prims = []
-        for pd in (bwd, reorder):
-            p, pad_md = _vp(), _vp(lib.dnnl_primitive_desc_query_md(pd, _QUERY_EXEC_ARG_MD, _ARG_SCRATCHPAD))
+        buffers = []  # kept with the plan: the blocked gradient and the two scratchpads
+
+        def owned(md):  # memory on a 64-byte aligned buffer of jaxcnn's, set once
+            buf = np.zeros(lib.dnnl_memory_desc_get_size(md) + 64, np.uint8)
+            buffers.append(buf)
+            mem = self._memory(md)
+            self._check(lib.dnnl_memory_set_data_handle(mem, _vp(-(-buf.ctypes.data // 64) * 64)), "buffer")
+            return mem
+
+        # x, g and the output are XLA's buffers: `execute` sets their addresses on every call
+        mems = [self._memory(src), self._memory(diff_dst), owned(blocked), self._memory(hwio)]
+        calls = []
+        for pd, args in ((bwd, [(_ARG_SRC, mems[0]), (_ARG_DIFF_DST, mems[1]), (_ARG_DIFF_WEIGHTS, mems[2])]),
+                         (reorder, [(_ARG_SRC, mems[2]), (_ARG_DST, mems[3])])):
+            p = _vp()
             self._check(lib.dnnl_primitive_create(byref(p), pd), "primitive")
-            pad = np.zeros(lib.dnnl_memory_desc_get_size(pad_md) + 64, np.uint8)
-            mem = self._memory(pad_md)
-            self._check(lib.dnnl_memory_set_data_handle(mem, _vp(-(-pad.ctypes.data // 64) * 64)), "scratchpad")
-            prims.append((p, mem, pad))
+            pad_md = _vp(lib.dnnl_primitive_desc_query_md(pd, _QUERY_EXEC_ARG_MD, _ARG_SCRATCHPAD))
+            args = args + [(_ARG_SCRATCHPAD, owned(pad_md))]
+            calls.append((p, (_Arg * len(args))(*(_Arg(a, m) for a, m in args))))
         info = ctypes.c_char_p()
         self._check(lib.dnnl_primitive_desc_query(bwd, _QUERY_IMPL_INFO, 0, byref(info)), "query")
-        scratch = np.empty(lib.dnnl_memory_desc_get_size(blocked), np.uint8)
-        mems = [self._memory(md) for md in (src, diff_dst, blocked, hwio)]
-        return dict(prims=prims, mems=mems, scratch=scratch, impl=info.value.decode())
+        return dict(calls=calls, mems=mems, buffers=buffers, impl=info.value.decode())
 
     def plan_for(self, key) -> dict:
         with self.lock:
-            if key not in self.plans:
-                self.plans[key] = self.plan(key)
-            return self.plans[key]
+            return self._plan_locked(key)
 
-    def execute(self, plan, x: int, g: int, out: int):
-        """Run a plan on raw buffer addresses: x, g (NHWC) -> out (HWIO f32)."""
+    def _plan_locked(self, key) -> dict:
+        if key not in self.plans:
+            self.plans[key] = self.plan(key)
+        return self.plans[key]
+
+    def execute(self, key, x: int, g: int, out: int):
+        """The gradient for `key` on raw buffer addresses: x, g (NHWC) -> out (HWIO f32)."""
         with self.lock:
+            plan = self._plan_locked(key)
             src, diff_dst, blocked, hwio = plan["mems"]
-            for mem, a in ((src, x), (diff_dst, g), (blocked, plan["scratch"].ctypes.data), (hwio, out)):
+            for mem, a in ((src, x), (diff_dst, g), (hwio, out)):
                 self._check(self.lib.dnnl_memory_set_data_handle(mem, _vp(a)), "data handle")
-            (bwd, bwd_pad, _), (reorder, reorder_pad, _) = plan["prims"]
-            args = (_Arg * 4)(_Arg(_ARG_SRC, src), _Arg(_ARG_DIFF_DST, diff_dst),
-                              _Arg(_ARG_DIFF_WEIGHTS, blocked), _Arg(_ARG_SCRATCHPAD, bwd_pad))
-            self._check(self.lib.dnnl_primitive_execute(bwd, self.stream, 4, args), "backward-weights")
-            args = (_Arg * 3)(_Arg(_ARG_SRC, blocked), _Arg(_ARG_DST, hwio), _Arg(_ARG_SCRATCHPAD, reorder_pad))
-            self._check(self.lib.dnnl_primitive_execute(reorder, self.stream, 3, args), "reorder")
+            (bwd, bwd_args), (reorder, reorder_args) = plan["calls"]
+            self._check(self.lib.dnnl_primitive_execute(bwd, self.stream, len(bwd_args), bwd_args),
+                        "backward-weights")
+            self._check(self.lib.dnnl_primitive_execute(reorder, self.stream, len(reorder_args),
+                                                        reorder_args), "reorder")
             self._check(self.lib.dnnl_stream_wait(self.stream), "stream wait")
 
 
 @functools.lru_cache(maxsize=None)
 def _runtime():
-    """The loaded library, or None (switched off, not installed, not oneDNN 3, no callbacks)."""
+    """The loaded library, or None (switched off, not installed, not oneDNN 3, no custom calls)."""
     off = ("0", "false", "False")  # JAXCNN_ONEDNN=0 turns off every oneDNN path, JAXCNN_DNNL=0 this one
     if os.environ.get("JAXCNN_DNNL", "1") in off or os.environ.get("JAXCNN_ONEDNN", "1") in off \
             or onednn._custom_call is None:
@@ -272,10 +287,9 @@ def _handler(frame_p):
         out = frame.rets.items[0].contents
         shape = lambda b: tuple(b.dims[i] for i in range(b.rank))
         v = ctypes.cast(geometry.data, ctypes.POINTER(ctypes.c_int32))
-        key = (shape(x), shape(g), shape(out), (v[0], v[1]), ((v[2], v[3]), (v[4], v[5])),
-               "bfloat16" if x.dtype == _FFI_BF16 else "float32")
-        rt = _runtime()
-        rt.execute(rt.plan_for(key), x.data, g.data, out.data)
+        key = _key(shape(x), shape(g), shape(out), (v[0], v[1]), ((v[2], v[3]), (v[4], v[5])),
+                   jnp.bfloat16 if x.dtype == _FFI_BF16 else jnp.float32)
+        _runtime().execute(key, x.data, g.data, out.data)
         return None
     except BaseException as e:  # never unwind into XLA: report the error to it
         return _ffi_error(frame.api, f"jaxcnn oneDNN weight gradient: {type(e).__name__}: {e}")
@@ -301,8 +315,7 @@ def _abstract(x, g, *, w_shape, strides, pads):
 def _lower(ctx, x, g, *, w_shape, strides, pads):
     ax, ag = ctx.avals_in
     # Built now, so that a shape oneDNN rejects fails the compilation, not the step.
-    _runtime().plan_for((tuple(ax.shape), tuple(ag.shape), tuple(w_shape), tuple(strides), tuple(pads),
-                         jnp.dtype(ax.dtype).name))
+    _runtime().plan_for(_key(ax.shape, ag.shape, w_shape, strides, pads, ax.dtype))
     geometry = mlir.ir_constant(np.array([*strides, *pads[0], *pads[1]], np.int32))
     out_type = mlir.aval_to_ir_type(ctx.module_context, ctx.avals_out[0])
     return onednn._custom_call(TARGET, result_types=[out_type], operands=[x, g, geometry], api_version=4,
@@ -326,49 +339,23 @@ batching.primitive_batchers[_wgrad_p] = lambda args, dims, **params: (
 def _partitioned(w_shape, strides, pads):
     """With several devices: each device takes the gradient over its own shard of the batch
     (x and g sharded alike on dim 0), then the partial gradients are summed."""
-    @custom_partitioning
-    def wgrad(x, g):
-        return _wgrad_p.bind(x, g, w_shape=w_shape, strides=strides, pads=pads)
-
-    def infer(mesh, arg_shapes, result_shape):
-        return NamedSharding(mesh, PartitionSpec())
-
-    def partition(mesh, arg_shapes, result_shape):
-        axis = onednn._sharded_axis(arg_shapes, 0)
-        batch = NamedSharding(mesh, PartitionSpec(axis, None, None, None))
-
-        def local(x, g):
-            y = _wgrad_p.bind(x, g, w_shape=w_shape, strides=strides, pads=pads)
-            return y if axis is None else lax.psum(y, axis)
-        return mesh, local, NamedSharding(mesh, PartitionSpec()), (batch, batch)
-
-    wgrad.def_partition(partition, infer_sharding_from_operands=infer,
-                        sharding_rule="n h w c, n p q k -> i j c k", reduction_factors=("n",),
-                        need_replication_factors=("h", "w", "c", "p", "q", "k", "i", "j"))
-    return wgrad
+    return onednn.rows_summed(functools.partial(_wgrad_p.bind, w_shape=w_shape, strides=strides, pads=pads),
+                              "n h w c, n p q k -> i j c k", "n", ("h", "w", "c", "p", "q", "k", "i", "j"))
 
 
 def applies(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups) -> bool:
-    return (x.ndim == 4 and groups == 1 and dn == _NHWC and x.dtype == w.dtype
-            and jnp.dtype(x.dtype) in onednn._DTYPES
-            and all(d == 1 for d in (lhs_dil or ())) and all(d == 1 for d in (rhs_dil or ()))
-            and usable())
+    """Where jaxcnn.onednn's convolutions apply, NHWC/HWIO, and the library is usable."""
+    return dn == _NHWC and onednn.applies(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups) and usable()
 
 
 def weight_grad(x, g, w_shape, strides, padding, dtype):
     """The weight gradient (HWIO, `dtype`) of the NHWC convolution of `x` that gave cotangent
-    `g`, by oneDNN; None where it does not apply (then use XLA's). Call where `applies`."""
-    pads = onednn._pads(x.shape, w_shape, strides, padding, _NHWC)
-    if g.dtype != x.dtype or any(p < 0 for pad in pads for p in pad):
-        return None
-    params = dict(w_shape=tuple(w_shape), strides=tuple(strides), pads=pads)
-    if any(isinstance(v, onednn._BatchTracer) for v in (x, g)):
-        dw = _wgrad_p.bind(x, g, **params)  # the batching rule takes XLA's gradient
-    elif jax.device_count() > 1:
-        dw = _partitioned(**params)(x, g)
-    else:
-        dw = _wgrad_p.bind(x, g, **params)
-    return dw.astype(dtype)
+    `g` (same dtype as x), by oneDNN. Call where `applies`."""
+    params = dict(w_shape=tuple(w_shape), strides=tuple(strides),
+                  pads=onednn._pads(x.shape, w_shape, strides, padding, _NHWC))
+    if jax.device_count() > 1 and not any(isinstance(v, onednn._BatchTracer) for v in (x, g)):
+        return _partitioned(**params)(x, g).astype(dtype)
+    return _wgrad_p.bind(x, g, **params).astype(dtype)  # under vmap, the batching rule takes XLA's
 
 
 @functools.lru_cache(maxsize=None)
@@ -395,6 +382,4 @@ def usable() -> bool:
 def implementation(x_shape, g_shape, w_shape, strides, pads, dtype) -> str:
     """oneDNN's name for the kernel it picked for this gradient, e.g. 'jit_bf16:avx512_core_bf16'
     (for benchmarks and tests); builds the primitive if needed."""
-    key = (tuple(x_shape), tuple(g_shape), tuple(w_shape), tuple(strides),
-           tuple(tuple(p) for p in pads), jnp.dtype(dtype).name)
-    return _runtime().plan_for(key)["impl"]
+    return _runtime().plan_for(_key(x_shape, g_shape, w_shape, strides, pads, dtype))["impl"]

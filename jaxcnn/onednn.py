@@ -268,29 +268,36 @@ batching.primitive_batchers[_matmul_p] = lambda args, dims: (
     jax.vmap(_matmul_reference, in_axes=dims)(*args), 0)
 
 
-@functools.lru_cache(maxsize=None)
-def _partitioned_matmul():
-    """With several devices: the rows (the batch) of both operands may be sharded over mesh
-    axes; each device multiplies its own rows and the partial products are summed (psum)."""
+def rows_summed(fn, sharding_rule: str, rows: str, others: tuple):
+    """`fn(a, b)` (a product summed over the rows, dimension 0, of both operands) as a
+    `custom_partitioning` function for several devices: the rows (the batch) may be sharded over
+    mesh axes; each device applies `fn` to its own rows and the partial results are summed
+    (psum), replicated. `sharding_rule` names the rows factor `rows`, every other one in `others`."""
     @custom_partitioning
-    def mm(a, b):
-        return _matmul_p.bind(a, b)
+    def f(a, b):
+        return fn(a, b)
 
     def infer(mesh, arg_shapes, result_shape):
         return NamedSharding(mesh, PartitionSpec())
 
     def partition(mesh, arg_shapes, result_shape):
         axis = _sharded_axis(arg_shapes, 0)
-        rows = NamedSharding(mesh, PartitionSpec(axis, None))
+        shards = tuple(NamedSharding(mesh, PartitionSpec(axis, *[None] * (len(s.shape) - 1)))
+                       for s in arg_shapes)
 
         def local(a, b):
-            y = _matmul_p.bind(a, b)
+            y = fn(a, b)
             return y if axis is None else lax.psum(y, axis)
-        return mesh, local, NamedSharding(mesh, PartitionSpec()), (rows, rows)
+        return mesh, local, NamedSharding(mesh, PartitionSpec()), shards
 
-    mm.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule="k m, k n -> m n",
-                     reduction_factors=("k",), need_replication_factors=("m", "n"))
-    return mm
+    f.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=sharding_rule,
+                    reduction_factors=(rows,), need_replication_factors=others)
+    return f
+
+
+@functools.lru_cache(maxsize=None)
+def _partitioned_matmul():
+    return rows_summed(_matmul_p.bind, "k m, k n -> m n", "k", ("m", "n"))
 
 
 def matmul_tn(a, b):

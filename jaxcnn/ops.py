@@ -141,13 +141,11 @@ def _fenced_fwd(x, w, *static):
 def _fenced_bwd(*args):
     *static, (x, w), g = args
     strides, padding, _, _, dn, _, _ = static
-    # Both gradients by oneDNN where it applies (dnnl, onednn), else XLA's.
-    dw = None
+    # Both gradients by oneDNN where it applies (dnnl, onednn), else XLA's (fenced).
     if _wgrad_by_dnnl(x, w, *static):
         dw = dnnl.weight_grad(x, g, w.shape, strides, padding, w.dtype)
     else:
         (g,) = _materialize((g,), w)
-    if dw is None:
         dw = jax.vjp(lambda w: _xla_conv(x, w, *static), w)[1](g)[0]
     dx = None
     if _on_onednn(x, w, *static):

@@ -76,7 +76,7 @@ def test_vmap_and_other_layouts_stay_on_xla():
 
 
 def test_a_failing_call_raises_instead_of_crashing(monkeypatch):
-    def broken(self, plan, x, g, out):  # noqa: ARG001
+    def broken(self, key, x, g, out):  # noqa: ARG001
         raise RuntimeError("simulated oneDNN failure")
     monkeypatch.setattr(type(dnnl._runtime()), "execute", broken)
     x = jnp.ones((2, 6, 6, 3), jnp.float32)
