@@ -1,5 +1,6 @@
 """oneDNN weight gradients (jaxcnn.dnnl): the same gradients as XLA's, one library call per
 convolution where they apply, XLA's elsewhere, and errors reported instead of crashing."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -76,13 +77,49 @@ def test_vmap_and_other_layouts_stay_on_xla():
 
 
 def test_a_failing_call_raises_instead_of_crashing(monkeypatch):
-    def broken(self, key, x, g, out):  # noqa: ARG001
+    def broken(self, key, x, g, out, pool=None):  # noqa: ARG001
         raise RuntimeError("simulated oneDNN failure")
     monkeypatch.setattr(type(dnnl._runtime()), "execute", broken)
     x = jnp.ones((2, 6, 6, 3), jnp.float32)
     w = jnp.ones((3, 3, 3, 4), jnp.float32)
     with pytest.raises(Exception, match="simulated oneDNN failure"):
         jax.block_until_ready(jax.jit(jax.grad(_loss(ops.conv_general_dilated, (1, 1), "SAME"), 1))(x, w))
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="XLA's thread pool has one thread")
+def test_split_over_xla_threads_matches_one_call(monkeypatch):
+    """With XLA's pool of 2+ threads the batch is split into single-threaded chunks (3 images:
+    2 + 1), whose partial gradients add up to the whole-batch call's."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((3, 10, 10, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 8, 16)) * 0.3, jnp.float32)
+    grad = lambda: jax.grad(_loss(ops.conv_general_dilated, (1, 1), "SAME"), 1)
+    runs = []
+    real = dnnl._Dnnl.execute
+    monkeypatch.setattr(dnnl._Dnnl, "execute", lambda self, *a: runs.append(a[-1]) or real(self, *a))
+    split = jax.jit(grad())(x, w)
+    monkeypatch.setenv("JAXCNN_DNNL_SPLIT", "0")
+    whole = jax.jit(grad())(x + 0.0, w)  # same values, a new trace (the variable is read per call)
+    assert runs[0] is not None and runs[0][0] >= 2 and runs[-1] is None
+    np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-5)
+    key = dnnl._key((3, 10, 10, 8), (3, 10, 10, 16), (3, 3, 8, 16), (1, 1), ((1, 1), (1, 1)), jnp.float32)
+    keys, starts = dnnl._runtime().chunks(key, 2)
+    assert [k[0][0] for k in keys] == [2, 1] and starts == [0, 2]
+
+
+def test_a_failing_chunk_on_a_pool_thread_is_reported(monkeypatch):
+    x = jnp.ones((4, 6, 6, 3), jnp.float32)
+    w = jnp.ones((3, 3, 3, 4), jnp.float32)
+    f = jax.jit(jax.grad(_loss(ops.conv_general_dilated, (1, 1), "SAME"), 1))
+    jax.block_until_ready(f(x, w))  # compiled, plans built
+
+    @contextlib.contextmanager
+    def broken(self, n):  # noqa: ARG001
+        raise RuntimeError("simulated chunk failure")
+        yield
+    monkeypatch.setattr(dnnl._Dnnl, "_threads", broken)
+    with pytest.raises(Exception, match="simulated chunk failure"):
+        jax.block_until_ready(f(x, w))
 
 
 @pytest.mark.parametrize("var", ["JAXCNN_DNNL", "JAXCNN_ONEDNN"])
