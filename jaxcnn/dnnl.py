@@ -54,9 +54,9 @@ from jaxcnn import onednn
 
 # oneDNN 3.x C API constants (oneapi/dnnl/dnnl_types.h, dnnl_common_types.h)
 _F32, _BF16 = 3, 2
-_TAG_ANY, _TAG_NHWC, _TAG_HWIO = 1, 22, 28
+_TAG_ANY, _TAG_AB, _TAG_NHWC, _TAG_HWIO = 1, 3, 22, 28
 _FORWARD_TRAINING, _CONV_DIRECT, _CPU, _IN_ORDER = 64, 1, 1, 1
-_ARG_SRC, _ARG_DST, _ARG_DIFF_DST, _ARG_DIFF_WEIGHTS = 1, 17, 145, 161
+_ARG_SRC, _ARG_WEIGHTS, _ARG_DST, _ARG_DIFF_DST, _ARG_DIFF_WEIGHTS = 1, 33, 17, 145, 161
 _ARG_SCRATCHPAD, _SCRATCHPAD_USER = 80, 1
 _DT_UNDEF = 0
 _QUERY_EXEC_ARG_MD, _QUERY_IMPL_INFO = 255, 8
@@ -144,23 +144,69 @@ class _Dnnl:
                         "stream")
         return self._local.stream
 
-    def _md(self, dims, dtype, tag):
-        md = _vp()
-        self._check(self.lib.dnnl_memory_desc_create_with_tag(
-            ctypes.byref(md), len(dims), _Dims(*dims), dtype, tag), "memory descriptor")
-        return md
-
     def _memory(self, md):
         mem = _vp()
         self._check(self.lib.dnnl_memory_create(ctypes.byref(mem), md, self.engine, None), "memory")
         return mem
 
+    def _md(self, dims, dtype, tag=None, strides=None):
+        md = _vp()
+        if strides is not None:
+            self._check(self.lib.dnnl_memory_desc_create_with_strides(
+                ctypes.byref(md), len(dims), _Dims(*dims), dtype, _Dims(*strides)), "memory descriptor")
+        else:
+            self._check(self.lib.dnnl_memory_desc_create_with_tag(
+                ctypes.byref(md), len(dims), _Dims(*dims), dtype, tag), "memory descriptor")
+        return md
+
+    def _primitive(self, pd, args, owned) -> tuple:
+        """The primitive of `pd` and its argument array (with a scratchpad of its own)."""
+        p = _vp()
+        self._check(self.lib.dnnl_primitive_create(ctypes.byref(p), pd), "primitive")
+        pad_md = _vp(self.lib.dnnl_primitive_desc_query_md(pd, _QUERY_EXEC_ARG_MD, _ARG_SCRATCHPAD))
+        args = args + [(_ARG_SCRATCHPAD, owned(pad_md))]
+        return p, (_Arg * len(args))(*(_Arg(a, m) for a, m in args))
+
     def plan(self, key, slot=None) -> dict:
-        """Primitives for one weight gradient: backward-weights into oneDNN's own layout
-        (`any`: forcing HWIO makes oneDNN fall back to im2col + GEMM, 2-3x slower), then a
-        reorder to HWIO f32. slot None: for the whole batch, on oneDNN's OpenMP threads; slot i:
-        for the i-th chunk of a split call, built and run on one thread, and from slot 1 on its
-        reorder adds to the output. `_plan` builds each once, under the lock."""
+        """Primitives for one weight gradient into a buffer of the plan's, then a reorder to
+        HWIO f32 (from slot 1 on it adds to the output). slot None: for the whole batch, on
+        oneDNN's OpenMP threads; slot i: for the i-th chunk of a split call, built and run on one
+        thread. `_plan` builds each once, under the lock. The gradient is oneDNN's
+        backward-weights convolution, or for small bf16 images an im2col and a matmul
+        (`by_matmul`). A plan's `x` and `g` list its memories (with byte offsets) for x and g."""
+        lib, byref = self.lib, ctypes.byref
+        buffers = []  # kept with the plan: the gradient, the scratchpads, the im2col buffer
+
+        def owned(md):  # memory on a zeroed 64-byte aligned buffer of jaxcnn's, set once
+            buf = np.zeros(lib.dnnl_memory_desc_get_size(md) + 64, np.uint8)
+            buffers.append(buf)
+            mem = self._memory(md)
+            self._check(lib.dnnl_memory_set_data_handle(mem, _vp(-(-buf.ctypes.data // 64) * 64)), "buffer")
+            return mem
+
+        try:
+            built = self._by_matmul(key, owned) if by_matmul(key) else None
+        except RuntimeError:  # a view oneDNN rejects: its kernel then
+            built = None
+        if built is None:
+            buffers.clear()
+            built = self._by_conv(key, owned)
+        compute, x_mems, g_mems, result, result_md, impl = built
+        co, ci, kh, kw = key[2][3], key[2][2], *key[2][:2]
+        hwio = self._md([co, ci, kh, kw], _F32, _TAG_HWIO)
+        reorder = _vp()
+        self._check(lib.dnnl_reorder_primitive_desc_create(
+            byref(reorder), result_md, self.engine, hwio, self.engine, self.sum_attr if slot else self.attr),
+            "reorder descriptor")
+        out = self._memory(hwio)  # XLA's output buffer: set on every call
+        calls = [compute, self._primitive(reorder, [(_ARG_SRC, result), (_ARG_DST, out)], owned)]
+        # A plan runs on one thread at a time; its lock (with `self.lock` for whole-batch plans).
+        return dict(calls=calls, x=x_mems, g=g_mems, out=out, buffers=buffers, impl=impl,
+                    lock=threading.Lock())
+
+    def _by_conv(self, key, owned):
+        """oneDNN's backward-weights convolution into its preferred layout (`any`: forcing HWIO
+        makes oneDNN fall back to im2col + GEMM, 2-3x slower)."""
         x_shape, g_shape, w_shape, strides, pads, dtype = key
         lib, byref = self.lib, ctypes.byref
         (n, h, w, ci), (_, oh, ow, co), (kh, kw) = x_shape, g_shape, w_shape[:2]
@@ -169,42 +215,68 @@ class _Dnnl:
         diff_dst = self._md([n, co, oh, ow], dt, _TAG_NHWC)
         weights = self._md([co, ci, kh, kw], dt, _TAG_ANY)
         diff_weights = self._md([co, ci, kh, kw], _F32, _TAG_ANY)
-        hwio = self._md([co, ci, kh, kw], _F32, _TAG_HWIO)
         geometry = (_Dims(*strides), _Dims(0, 0), _Dims(*(p[0] for p in pads)), _Dims(*(p[1] for p in pads)))
-        fwd, bwd, reorder = _vp(), _vp(), _vp()
+        fwd, bwd = _vp(), _vp()
         self._check(lib.dnnl_convolution_forward_primitive_desc_create(
             byref(fwd), self.engine, _FORWARD_TRAINING, _CONV_DIRECT, src, weights, None, diff_dst,
             *geometry, None), "forward hint")
         self._check(lib.dnnl_convolution_backward_weights_primitive_desc_create(
             byref(bwd), self.engine, _CONV_DIRECT, src, diff_weights, None, diff_dst, *geometry,
             fwd, self.attr), "backward-weights descriptor")
-        blocked = _vp(lib.dnnl_primitive_desc_query_md(bwd, _QUERY_EXEC_ARG_MD, _ARG_DIFF_WEIGHTS))
-        self._check(lib.dnnl_reorder_primitive_desc_create(
-            byref(reorder), blocked, self.engine, hwio, self.engine, self.sum_attr if slot else self.attr),
-            "reorder descriptor")
-        buffers = []  # kept with the plan: the blocked gradient and the two scratchpads
-
-        def owned(md):  # memory on a 64-byte aligned buffer of jaxcnn's, set once
-            buf = np.zeros(lib.dnnl_memory_desc_get_size(md) + 64, np.uint8)
-            buffers.append(buf)
-            mem = self._memory(md)
-            self._check(lib.dnnl_memory_set_data_handle(mem, _vp(-(-buf.ctypes.data // 64) * 64)), "buffer")
-            return mem
-
-        # x, g and the output are XLA's buffers: `execute` sets their addresses on every call
-        mems = [self._memory(src), self._memory(diff_dst), owned(blocked), self._memory(hwio)]
-        calls = []
-        for pd, args in ((bwd, [(_ARG_SRC, mems[0]), (_ARG_DIFF_DST, mems[1]), (_ARG_DIFF_WEIGHTS, mems[2])]),
-                         (reorder, [(_ARG_SRC, mems[2]), (_ARG_DST, mems[3])])):
-            p = _vp()
-            self._check(lib.dnnl_primitive_create(byref(p), pd), "primitive")
-            pad_md = _vp(lib.dnnl_primitive_desc_query_md(pd, _QUERY_EXEC_ARG_MD, _ARG_SCRATCHPAD))
-            args = args + [(_ARG_SCRATCHPAD, owned(pad_md))]
-            calls.append((p, (_Arg * len(args))(*(_Arg(a, m) for a, m in args))))
+        blocked_md = _vp(lib.dnnl_primitive_desc_query_md(bwd, _QUERY_EXEC_ARG_MD, _ARG_DIFF_WEIGHTS))
+        x_mem, g_mem, blocked = self._memory(src), self._memory(diff_dst), owned(blocked_md)
+        call = self._primitive(bwd, [(_ARG_SRC, x_mem), (_ARG_DIFF_DST, g_mem), (_ARG_DIFF_WEIGHTS, blocked)], owned)
         info = ctypes.c_char_p()
         self._check(lib.dnnl_primitive_desc_query(bwd, _QUERY_IMPL_INFO, 0, byref(info)), "query")
-        # A plan runs on one thread at a time; its lock (with `self.lock` for whole-batch plans).
-        return dict(calls=calls, mems=mems, buffers=buffers, impl=info.value.decode(), lock=threading.Lock())
+        return [call], [(x_mem, 0)], [(g_mem, 0)], blocked, blocked_md, info.value.decode()
+
+    def _by_matmul(self, key, owned):
+        """im2col then one matmul: every tap's valid window of x is copied (a strided oneDNN
+        reorder) into its columns of a [rows, kh kw ci] buffer (rows: n oh ow) whose entries for
+        padding stay zero, and the gradient is that buffer's transpose times g ([rows, co]) in
+        f32, already HWIO. See `by_matmul` for when."""
+        x_shape, g_shape, w_shape, strides, pads, dtype = key
+        lib, byref = self.lib, ctypes.byref
+        (n, h, w, ci), (_, oh, ow, co), (kh, kw) = x_shape, g_shape, w_shape[:2]
+        (sh, sw), ((pt, _), (pl, _)) = strides, pads
+        rows, size = n * oh * ow, 2
+        taps = kh * kw * ci  # the columns' buffer is [rows, taps]; the matmul reads its transpose
+        cols_md = self._md([taps, rows], _BF16, strides=[1, taps])
+        cols = owned(cols_md)
+        cols_addr = ctypes.c_void_p()
+        self._check(lib.dnnl_memory_get_data_handle(cols, byref(cols_addr)), "data handle")
+        calls, x_mems = [], []
+        for t, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw)):
+            lo_h, hi_h = _window(i, sh, pt, h, oh)
+            lo_w, hi_w = _window(j, sw, pl, w, ow)
+            if lo_h > hi_h or lo_w > hi_w:
+                continue  # this tap sees only padding: its columns stay zero
+            dims = [n, hi_h - lo_h + 1, hi_w - lo_w + 1, ci]
+            src_md = self._md(dims, _BF16, strides=[h * w * ci, sh * w * ci, sw * ci, 1])
+            dst_md = self._md(dims, _BF16, strides=[oh * ow * taps, ow * taps, taps, 1])
+            pd = _vp()
+            self._check(lib.dnnl_reorder_primitive_desc_create(byref(pd), src_md, self.engine, dst_md,
+                                                               self.engine, self.attr), "im2col reorder")
+            src, dst = self._memory(src_md), self._memory(dst_md)
+            self._check(lib.dnnl_memory_set_data_handle(dst, _vp(
+                cols_addr.value + ((lo_h * ow + lo_w) * taps + t * ci) * size)), "buffer")
+            x_mems.append((src, ((lo_h * sh + i - pt) * w + lo_w * sw + j - pl) * ci * size))
+            calls.append(self._primitive(pd, [(_ARG_SRC, src), (_ARG_DST, dst)], owned))
+        g_md = self._md([rows, co], _BF16, _TAG_AB)
+        result_md = self._md([taps, co], _F32, _TAG_AB)
+        pd = _vp()
+        self._check(lib.dnnl_matmul_primitive_desc_create(byref(pd), self.engine, cols_md, g_md, None,
+                                                          result_md, self.attr), "matmul descriptor")
+        g_mem, result = self._memory(g_md), owned(result_md)
+        calls.append(self._primitive(pd, [(_ARG_SRC, cols), (_ARG_WEIGHTS, g_mem), (_ARG_DST, result)], owned))
+        info = ctypes.c_char_p()
+        self._check(lib.dnnl_primitive_desc_query(pd, _QUERY_IMPL_INFO, 0, byref(info)), "query")
+        # The same buffer as [co, ci, kh, kw] in HWIO order, for the reorder to XLA's buffer.
+        as_hwio = self._md([co, ci, kh, kw], _F32, _TAG_HWIO)
+        view, address = self._memory(as_hwio), ctypes.c_void_p()
+        self._check(lib.dnnl_memory_get_data_handle(result, byref(address)), "data handle")
+        self._set(view, address.value)
+        return calls, x_mems, [(g_mem, 0)], view, as_hwio, "im2col+matmul:" + info.value.decode()
 
     def _plan(self, key, slot=None) -> dict:
         with self.lock:
@@ -242,12 +314,18 @@ class _Dnnl:
         keys, _ = self.chunks(key, parts)
         return [self._plan(k, i) for i, k in enumerate(keys)]
 
+    def _compute(self, plan, x: int, g: int):
+        """A plan's gradient of x and g (raw addresses) into its own buffer."""
+        for mems, address in ((plan["x"], x), (plan["g"], g)):
+            for mem, offset in mems:
+                self._set(mem, address + offset)
+        for call in plan["calls"][0]:
+            self._exec(call, "weight gradient")
+
     def _run(self, plan, x: int, g: int, out: int):
-        """One plan's backward-weights and reorder on raw addresses (the caller holds its lock)."""
-        src, diff_dst, _, hwio = plan["mems"]
-        for mem, a in ((src, x), (diff_dst, g), (hwio, out)):
-            self._set(mem, a)
-        self._exec(plan["calls"][0], "backward-weights")
+        """One plan's gradient and reorder on raw addresses (the caller holds its lock)."""
+        self._compute(plan, x, g)
+        self._set(plan["out"], out)
         self._exec(plan["calls"][1], "reorder")
 
     def execute(self, key, x: int, g: int, out: int, pool=None):
@@ -270,12 +348,9 @@ class _Dnnl:
         x_img, g_img = (int(np.prod(shape[1:])) * size for shape in key[:2])
         job = _Job(len(plans))
 
-        def chunk(i):  # the partial gradient of chunk i, into its plan's blocked buffer
-            src, diff_dst = plans[i]["mems"][:2]
-            self._set(src, x + starts[i] * x_img)
-            self._set(diff_dst, g + starts[i] * g_img)
+        def chunk(i):  # the partial gradient of chunk i, into its plan's own buffer
             with self._threads(1):
-                self._exec(plans[i]["calls"][0], "backward-weights")
+                self._compute(plans[i], x + starts[i] * x_img, g + starts[i] * g_img)
 
         # The plans (their blocked buffers) belong to this call until its sum is written: other
         # calls of the same shape (other devices' shards) wait. Taken in slot order, so two
@@ -291,7 +366,7 @@ class _Dnnl:
             # Sum the partial gradients into `out`: chunk 0's reorder writes it, the others add.
             with self._threads(1):
                 for plan in plans:
-                    self._set(plan["mems"][3], out)
+                    self._set(plan["out"], out)
                     self._exec(plan["calls"][1], "reorder")
 
     def _set(self, mem, address: int):
@@ -301,6 +376,34 @@ class _Dnnl:
         prim, args = call
         self._check(self.lib.dnnl_primitive_execute(prim, self.stream, len(args), args), what)
         self._check(self.lib.dnnl_stream_wait(self.stream), "stream wait")
+
+
+def _window(tap: int, stride: int, pad: int, size: int, out_size: int) -> tuple:
+    """The output positions (first, last) whose input at kernel offset `tap` is not padding."""
+    first = max(0, -(-(pad - tap) // stride))
+    return first, min(out_size - 1, (size - 1 + pad - tap) // stride)
+
+
+def by_matmul(key) -> bool:
+    """Whether a gradient is an im2col and a matmul (`_Dnnl._by_matmul`) rather than oneDNN's
+    backward-weights kernel: in bf16, for output images of at most JAXCNN_DNNL_MATMUL pixels
+    (64; 0: never) and 128 or more channels in and out. There oneDNN 3.2's AMX kernel does little
+    better than f32; 64 images on one thread of the 2-core Xeon (kernel / im2col + matmul, ms):
+    512->512 at 4x4 33.7 / 7.6, 256->512 stride 2 to 4x4 19.6 / 3.8, 256->256 at 8x8 11.3 / 9.0,
+    128->256 stride 2 to 8x8 7.4 / 4.8; but 128->128 at 16x16 4.9 / 12.7, 128->32 at 8x8
+    0.8 / 1.8. Also only where oneDNN takes every tap's window as a strided view (a window of a
+    stride-2 tap on an odd size can reach past the image's own extent)."""
+    limit = int(os.environ.get("JAXCNN_DNNL_MATMUL", "64"))
+    (n, h, w, ci), (_, oh, ow, co), (kh, kw) = key[0], key[1], key[2][:2]
+    (sh, sw), ((pt, _), (pl, _)) = key[3], key[4]
+    if key[5] != "bfloat16" or oh * ow > limit or min(ci, co) < 128:
+        return False
+    for k, s, p, size, out in ((kh, sh, pt, h, oh), (kw, sw, pl, w, ow)):
+        for tap in range(k):
+            first, last = _window(tap, s, p, size, out)
+            if (last - first + 1) * s > size:
+                return False
+    return True
 
 
 class _Job:

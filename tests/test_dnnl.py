@@ -62,6 +62,43 @@ def test_kernels_are_oneDNN_jit_ones():
     assert impl.startswith("jit") and "gemm" not in impl, impl
 
 
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding", [
+    ((3, 4, 4, 128), (3, 3, 128, 128), (1, 1), "SAME"),
+    ((3, 8, 8, 128), (3, 3, 128, 160), (2, 2), "SAME"),              # pads (0, 1)
+    ((3, 2, 2, 128), (3, 3, 128, 128), (2, 2), ((1, 1), (1, 1)))])   # tap 0 sees only padding
+def test_small_bf16_images_take_im2col_and_matmul(x_shape, w_shape, strides, padding, monkeypatch):
+    """bf16, at most 64 output pixels, 128+ channels: the gradient is an im2col and a matmul,
+    as close to the exact one as XLA's, split over XLA's threads or not."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal(w_shape) * 0.05, jnp.bfloat16)
+    grad = lambda: jax.jit(jax.grad(_loss(ops.conv_general_dilated, strides, padding), 1))
+    got = grad()(x, w)
+    monkeypatch.setenv("JAXCNN_DNNL_SPLIT", "0")
+    whole = grad()(x + 0, w)
+    with ops.switched(DNNL_WGRAD=False):
+        ref = grad()(x, w)
+    exact = jax.grad(_loss(lax.conv_general_dilated, strides, padding), 1)(x.astype(jnp.float32), w.astype(jnp.float32))
+    err = lambda a: np.abs(np.float32(a) - exact).max()
+    assert err(got) <= err(ref) * 1.01 + 1e-6 and err(whole) <= err(ref) * 1.01 + 1e-6, (err(got), err(ref))
+    assert err(ref) < 0.05 * np.abs(exact).max()
+    g_shape = jax.eval_shape(lambda x, w: ops.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC),
+                             x, w).shape
+    pads = dnnl.onednn._pads(x_shape, w_shape, strides, padding, dnnl._NHWC)
+    assert dnnl.implementation(x_shape, g_shape, w_shape, strides, pads, jnp.bfloat16).startswith("im2col+matmul")
+
+
+def test_which_gradients_take_the_matmul():
+    key = lambda x, g, w, s, dtype="bfloat16": (x, g, w, s, ((1, 1), (1, 1)), dtype)
+    assert dnnl.by_matmul(key((64, 4, 4, 512), (64, 4, 4, 512), (3, 3, 512, 512), (1, 1)))
+    assert dnnl.by_matmul(key((64, 14, 14, 256), (64, 7, 7, 512), (3, 3, 256, 512), (2, 2)))
+    assert not dnnl.by_matmul(key((64, 4, 4, 512), (64, 4, 4, 512), (3, 3, 512, 512), (1, 1), "float32"))
+    assert not dnnl.by_matmul(key((64, 16, 16, 128), (64, 16, 16, 128), (3, 3, 128, 128), (1, 1)))  # 256 pixels
+    assert not dnnl.by_matmul(key((64, 8, 8, 128), (64, 8, 8, 32), (3, 3, 128, 32), (1, 1)))  # 32 out
+    # stride 2 on 7 rows: a tap's window (rows 0, 2, 4, 6) spans more than the image as oneDNN counts
+    assert not dnnl.by_matmul(key((64, 7, 7, 128), (64, 4, 4, 128), (3, 3, 128, 128), (2, 2)))
+
+
 def test_vmap_and_other_layouts_stay_on_xla():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 3, 8, 8, 4)), jnp.float32)
