@@ -24,8 +24,8 @@ chunk per pool thread, each a single-threaded oneDNN call into a partial gradien
 the other chunks are offered to XLA's pool (XLA_FFI_ThreadPool_Schedule), and the calling
 thread runs every chunk no idle pool thread took. The reorders add the partial gradients up.
 On the 2-core Xeon (AMX), a bf16 128->32 gradient at 32x32 took 50-57 ms inside
-resdensenet_cifar's step on two OpenMP threads, against 7 ms alone. JAXCNN_DNNL_SPLIT=0 makes
-one call on oneDNN's OpenMP threads instead.
+resdensenet_cifar's step on two OpenMP threads, against 7 ms alone. JAXCNN_DNNL_SPLIT=0, or
+several CPU devices (`_splits`), make one call on oneDNN's OpenMP threads instead.
 
 When: where jaxcnn.onednn's convolutions apply, for NHWC/HWIO convolutions, not under vmap, and
 only after a probe (a small strided, padded gradient compared with XLA's) passed in this
@@ -554,7 +554,7 @@ _TASK = ctypes.CFUNCTYPE(None, ctypes.c_size_t)(_run_task)  # kept alive: XLA ca
 def _xla_pool(frame):
     """(threads, schedule) for XLA's intra-op thread pool of this call, or None (split off, no
     pool, or one thread)."""
-    if os.environ.get("JAXCNN_DNNL_SPLIT", "1") in ("0", "false", "False"):
+    if not _splits():
         return None
     n = ctypes.c_int64(0)
     if not _api_call(frame.api, _API_NUM_THREADS,
@@ -686,9 +686,23 @@ def implementation(x_shape, g_shape, w_shape, strides, pads, dtype) -> str:
     return _runtime()._plan(_key(x_shape, g_shape, w_shape, strides, pads, dtype))["impl"]
 
 
+def _splits() -> bool:
+    """Whether calls are split over XLA's threads: not with JAXCNN_DNNL_SPLIT=0, and not with
+    several CPU devices, whose programs already keep the cores busy side by side (4 simulated
+    devices, resnet18_cifar fp32, batch 128 on the 2-core Xeon: 63.3 and 62.9 img/s split,
+    68.2 and 68.1 not)."""
+    return os.environ.get("JAXCNN_DNNL_SPLIT", "1") not in ("0", "false", "False") \
+        and _local_devices() == 1
+
+
+@functools.lru_cache(maxsize=None)
+def _local_devices() -> int:
+    return jax.local_device_count()
+
+
 def _split_guess() -> Optional[int]:
     """The chunks a call will likely be split into (XLA's pool has a thread per core); None: off."""
-    if os.environ.get("JAXCNN_DNNL_SPLIT", "1") in ("0", "false", "False"):
+    if not _splits():
         return None
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return n if n > 1 else None

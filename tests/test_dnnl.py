@@ -165,3 +165,13 @@ def test_off_when_switched_off(var):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, var: "0"})
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
+
+
+def test_no_split_with_several_devices():
+    """Several CPU devices keep the cores busy side by side: one call each, no chunks."""
+    code = "import jaxcnn; from jaxcnn import dnnl; print(dnnl._splits(), dnnl._split_guess())"
+    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "XLA_FLAGS": flags})
+    assert out.stdout.strip().splitlines()[-1] == "False None", out.stderr[-2000:]
+    assert dnnl._splits() == (os.environ.get("JAXCNN_DNNL_SPLIT", "1") != "0")  # this process: 1 device
