@@ -60,6 +60,7 @@ _ARG_SRC, _ARG_WEIGHTS, _ARG_DST, _ARG_DIFF_DST, _ARG_DIFF_WEIGHTS = 1, 33, 17, 
 _ARG_SCRATCHPAD, _SCRATCHPAD_USER = 80, 1
 _DT_UNDEF = 0
 _QUERY_EXEC_ARG_MD, _QUERY_IMPL_INFO = 255, 8
+_ISA_AMX = 0xFEF  # dnnl_cpu_isa_avx512_core_amx (its bits are in every later AMX ISA)
 _Dims = ctypes.c_int64 * 12
 _vp = ctypes.c_void_p
 _NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
@@ -105,6 +106,8 @@ class _Dnnl:
         if v.major != 3:
             raise OSError(f"{path} is oneDNN {v.major}.{v.minor}; jaxcnn needs oneDNN 3.x")
         self.version = f"{v.major}.{v.minor}.{v.patch}"
+        # The im2col + matmul gradients (`by_matmul`) were measured faster only with AMX.
+        self.amx = lib.dnnl_get_effective_cpu_isa() & _ISA_AMX == _ISA_AMX
         lib.dnnl_primitive_desc_query_md.restype = _vp
         lib.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
         self.engine = _vp()
@@ -164,49 +167,51 @@ class _Dnnl:
         p = _vp()
         self._check(self.lib.dnnl_primitive_create(ctypes.byref(p), pd), "primitive")
         pad_md = _vp(self.lib.dnnl_primitive_desc_query_md(pd, _QUERY_EXEC_ARG_MD, _ARG_SCRATCHPAD))
-        args = args + [(_ARG_SCRATCHPAD, owned(pad_md))]
+        args = args + [(_ARG_SCRATCHPAD, owned(pad_md)[0])]
         return p, (_Arg * len(args))(*(_Arg(a, m) for a, m in args))
 
+    def _impl(self, pd) -> str:
+        info = ctypes.c_char_p()
+        self._check(self.lib.dnnl_primitive_desc_query(pd, _QUERY_IMPL_INFO, 0, ctypes.byref(info)), "query")
+        return info.value.decode()
+
     def plan(self, key, slot=None) -> dict:
-        """Primitives for one weight gradient into a buffer of the plan's, then a reorder to
-        HWIO f32 (from slot 1 on it adds to the output). slot None: for the whole batch, on
-        oneDNN's OpenMP threads; slot i: for the i-th chunk of a split call, built and run on one
-        thread. `_plan` builds each once, under the lock. The gradient is oneDNN's
+        """Primitives for one weight gradient into a buffer of the plan's, then a reorder into
+        XLA's HWIO f32 output (from slot 1 on it adds to the output). slot None: for the whole
+        batch, on oneDNN's OpenMP threads; slot i: for the i-th chunk of a split call, built and
+        run on one thread. `_plan` builds each once, under the lock. The gradient is oneDNN's
         backward-weights convolution, or for small bf16 images an im2col and a matmul
         (`by_matmul`). A plan's `x` and `g` list its memories (with byte offsets) for x and g."""
-        lib, byref = self.lib, ctypes.byref
+        lib = self.lib
         buffers = []  # kept with the plan: the gradient, the scratchpads, the im2col buffer
 
-        def owned(md):  # memory on a zeroed 64-byte aligned buffer of jaxcnn's, set once
+        def owned(md):  # (memory, address) on a zeroed 64-byte aligned buffer of jaxcnn's, set once
             buf = np.zeros(lib.dnnl_memory_desc_get_size(md) + 64, np.uint8)
             buffers.append(buf)
-            mem = self._memory(md)
-            self._check(lib.dnnl_memory_set_data_handle(mem, _vp(-(-buf.ctypes.data // 64) * 64)), "buffer")
-            return mem
+            mem, address = self._memory(md), -(-buf.ctypes.data // 64) * 64
+            self._set(mem, address)
+            return mem, address
 
         try:
-            built = self._by_matmul(key, owned) if by_matmul(key) else None
-        except RuntimeError:  # a view oneDNN rejects: its kernel then
+            built = self._by_matmul(key, owned) if self.amx and by_matmul(key) else None
+        except RuntimeError:  # a view or a matmul oneDNN rejects: its kernel then
             built = None
         if built is None:
             buffers.clear()
             built = self._by_conv(key, owned)
-        compute, x_mems, g_mems, result, result_md, impl = built
-        co, ci, kh, kw = key[2][3], key[2][2], *key[2][:2]
-        hwio = self._md([co, ci, kh, kw], _F32, _TAG_HWIO)
         reorder = _vp()
         self._check(lib.dnnl_reorder_primitive_desc_create(
-            byref(reorder), result_md, self.engine, hwio, self.engine, self.sum_attr if slot else self.attr),
-            "reorder descriptor")
-        out = self._memory(hwio)  # XLA's output buffer: set on every call
-        calls = [compute, self._primitive(reorder, [(_ARG_SRC, result), (_ARG_DST, out)], owned)]
+            ctypes.byref(reorder), built["result_md"], self.engine, built["out_md"], self.engine,
+            self.sum_attr if slot else self.attr), "reorder descriptor")
+        out = self._memory(built["out_md"])  # XLA's output buffer: set on every call
+        calls = [built["compute"], self._primitive(reorder, [(_ARG_SRC, built["result"]), (_ARG_DST, out)], owned)]
         # A plan runs on one thread at a time; its lock (with `self.lock` for whole-batch plans).
-        return dict(calls=calls, x=x_mems, g=g_mems, out=out, buffers=buffers, impl=impl,
+        return dict(calls=calls, x=built["x"], g=built["g"], out=out, buffers=buffers, impl=built["impl"],
                     lock=threading.Lock())
 
-    def _by_conv(self, key, owned):
+    def _by_conv(self, key, owned) -> dict:
         """oneDNN's backward-weights convolution into its preferred layout (`any`: forcing HWIO
-        makes oneDNN fall back to im2col + GEMM, 2-3x slower)."""
+        makes oneDNN fall back to im2col + GEMM, 2-3x slower); the reorder makes it HWIO."""
         x_shape, g_shape, w_shape, strides, pads, dtype = key
         lib, byref = self.lib, ctypes.byref
         (n, h, w, ci), (_, oh, ow, co), (kh, kw) = x_shape, g_shape, w_shape[:2]
@@ -224,27 +229,29 @@ class _Dnnl:
             byref(bwd), self.engine, _CONV_DIRECT, src, diff_weights, None, diff_dst, *geometry,
             fwd, self.attr), "backward-weights descriptor")
         blocked_md = _vp(lib.dnnl_primitive_desc_query_md(bwd, _QUERY_EXEC_ARG_MD, _ARG_DIFF_WEIGHTS))
-        x_mem, g_mem, blocked = self._memory(src), self._memory(diff_dst), owned(blocked_md)
+        x_mem, g_mem, (blocked, _) = self._memory(src), self._memory(diff_dst), owned(blocked_md)
         call = self._primitive(bwd, [(_ARG_SRC, x_mem), (_ARG_DIFF_DST, g_mem), (_ARG_DIFF_WEIGHTS, blocked)], owned)
-        info = ctypes.c_char_p()
-        self._check(lib.dnnl_primitive_desc_query(bwd, _QUERY_IMPL_INFO, 0, byref(info)), "query")
-        return [call], [(x_mem, 0)], [(g_mem, 0)], blocked, blocked_md, info.value.decode()
+        return dict(compute=[call], x=[(x_mem, 0)], g=[(g_mem, 0)], result=blocked, result_md=blocked_md,
+                    out_md=self._md([co, ci, kh, kw], _F32, _TAG_HWIO), impl=self._impl(bwd))
 
-    def _by_matmul(self, key, owned):
+    def _by_matmul(self, key, owned) -> dict:
         """im2col then one matmul: every tap's valid window of x is copied (a strided oneDNN
-        reorder) into its columns of a [rows, kh kw ci] buffer (rows: n oh ow) whose entries for
-        padding stay zero, and the gradient is that buffer's transpose times g ([rows, co]) in
-        f32, already HWIO. See `by_matmul` for when."""
-        x_shape, g_shape, w_shape, strides, pads, dtype = key
+        reorder) into its columns of a [rows, kh kw ci] bf16 buffer (rows: n oh ow) whose entries
+        for padding stay zero, and the gradient is that buffer's transpose times g ([rows, co]),
+        in f32: a [kh kw ci, co] matrix, which is HWIO's memory order, so the reorder into XLA's
+        buffer only copies (or adds)."""
+        x_shape, g_shape, w_shape, strides, pads, _ = key
         lib, byref = self.lib, ctypes.byref
         (n, h, w, ci), (_, oh, ow, co), (kh, kw) = x_shape, g_shape, w_shape[:2]
         (sh, sw), ((pt, _), (pl, _)) = strides, pads
-        rows, size = n * oh * ow, 2
-        taps = kh * kw * ci  # the columns' buffer is [rows, taps]; the matmul reads its transpose
-        cols_md = self._md([taps, rows], _BF16, strides=[1, taps])
-        cols = owned(cols_md)
-        cols_addr = ctypes.c_void_p()
-        self._check(lib.dnnl_memory_get_data_handle(cols, byref(cols_addr)), "data handle")
+        rows, taps, size = n * oh * ow, kh * kw * ci, 2  # bf16
+        cols_md = self._md([taps, rows], _BF16, strides=[1, taps])  # the [rows, taps] buffer, transposed
+        g_md = self._md([rows, co], _BF16, _TAG_AB)
+        result_md = self._md([taps, co], _F32, _TAG_AB)
+        matmul = _vp()
+        self._check(lib.dnnl_matmul_primitive_desc_create(byref(matmul), self.engine, cols_md, g_md, None,
+                                                          result_md, self.attr), "matmul descriptor")
+        (cols, cols_addr), (result, _), g_mem = owned(cols_md), owned(result_md), self._memory(g_md)
         calls, x_mems = [], []
         for t, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw)):
             lo_h, hi_h = _window(i, sh, pt, h, oh)
@@ -258,25 +265,12 @@ class _Dnnl:
             self._check(lib.dnnl_reorder_primitive_desc_create(byref(pd), src_md, self.engine, dst_md,
                                                                self.engine, self.attr), "im2col reorder")
             src, dst = self._memory(src_md), self._memory(dst_md)
-            self._check(lib.dnnl_memory_set_data_handle(dst, _vp(
-                cols_addr.value + ((lo_h * ow + lo_w) * taps + t * ci) * size)), "buffer")
+            self._set(dst, cols_addr + ((lo_h * ow + lo_w) * taps + t * ci) * size)
             x_mems.append((src, ((lo_h * sh + i - pt) * w + lo_w * sw + j - pl) * ci * size))
             calls.append(self._primitive(pd, [(_ARG_SRC, src), (_ARG_DST, dst)], owned))
-        g_md = self._md([rows, co], _BF16, _TAG_AB)
-        result_md = self._md([taps, co], _F32, _TAG_AB)
-        pd = _vp()
-        self._check(lib.dnnl_matmul_primitive_desc_create(byref(pd), self.engine, cols_md, g_md, None,
-                                                          result_md, self.attr), "matmul descriptor")
-        g_mem, result = self._memory(g_md), owned(result_md)
-        calls.append(self._primitive(pd, [(_ARG_SRC, cols), (_ARG_WEIGHTS, g_mem), (_ARG_DST, result)], owned))
-        info = ctypes.c_char_p()
-        self._check(lib.dnnl_primitive_desc_query(pd, _QUERY_IMPL_INFO, 0, byref(info)), "query")
-        # The same buffer as [co, ci, kh, kw] in HWIO order, for the reorder to XLA's buffer.
-        as_hwio = self._md([co, ci, kh, kw], _F32, _TAG_HWIO)
-        view, address = self._memory(as_hwio), ctypes.c_void_p()
-        self._check(lib.dnnl_memory_get_data_handle(result, byref(address)), "data handle")
-        self._set(view, address.value)
-        return calls, x_mems, [(g_mem, 0)], view, as_hwio, "im2col+matmul:" + info.value.decode()
+        calls.append(self._primitive(matmul, [(_ARG_SRC, cols), (_ARG_WEIGHTS, g_mem), (_ARG_DST, result)], owned))
+        return dict(compute=calls, x=x_mems, g=[(g_mem, 0)], result=result, result_md=result_md,
+                    out_md=result_md, impl="im2col+matmul:" + self._impl(matmul))
 
     def _plan(self, key, slot=None) -> dict:
         with self.lock:
@@ -387,8 +381,8 @@ def _window(tap: int, stride: int, pad: int, size: int, out_size: int) -> tuple:
 def by_matmul(key) -> bool:
     """Whether a gradient is an im2col and a matmul (`_Dnnl._by_matmul`) rather than oneDNN's
     backward-weights kernel: in bf16, for output images of at most JAXCNN_DNNL_MATMUL pixels
-    (64; 0: never) and 128 or more channels in and out. There oneDNN 3.2's AMX kernel does little
-    better than f32; 64 images on one thread of the 2-core Xeon (kernel / im2col + matmul, ms):
+    (64; 0: never) and 128 or more channels in and out, on CPUs with AMX (`_Dnnl.amx`; elsewhere
+    it was not measured). There oneDNN 3.2's AMX kernel does little better than f32; 64 images on one thread of the 2-core Xeon (kernel / im2col + matmul, ms):
     512->512 at 4x4 33.7 / 7.6, 256->512 stride 2 to 4x4 19.6 / 3.8, 256->256 at 8x8 11.3 / 9.0,
     128->256 stride 2 to 8x8 7.4 / 4.8; but 128->128 at 16x16 4.9 / 12.7, 128->32 at 8x8
     0.8 / 1.8. Also only where oneDNN takes every tap's window as a strided view (a window of a

@@ -66,6 +66,7 @@ def test_kernels_are_oneDNN_jit_ones():
     ((3, 4, 4, 128), (3, 3, 128, 128), (1, 1), "SAME"),
     ((3, 8, 8, 128), (3, 3, 128, 160), (2, 2), "SAME"),              # pads (0, 1)
     ((3, 2, 2, 128), (3, 3, 128, 128), (2, 2), ((1, 1), (1, 1)))])   # tap 0 sees only padding
+@pytest.mark.skipif(not getattr(dnnl._runtime(), "amx", False), reason="the matmul gradients are used only with AMX")
 def test_small_bf16_images_take_im2col_and_matmul(x_shape, w_shape, strides, padding, monkeypatch):
     """bf16, at most 64 output pixels, 128+ channels: the gradient is an im2col and a matmul,
     as close to the exact one as XLA's, split over XLA's threads or not."""
