@@ -78,9 +78,10 @@ class BatchNorm(nn.Module):
     scale_init: Callable = nn.initializers.ones
 
     @nn.compact
-    def __call__(self, x, stats=None):
+    def __call__(self, x, stats=None, relu: bool = False):
         """`stats`: this batch's (mean, var) of `x` from `ops.batch_stats`, computed once and
-        shared (dense blocks); None computes them here."""
+        shared (dense blocks); None computes them here. `relu`: ReLU of the result, fused into
+        the BatchNorm's gradient (see `ops.batch_norm_train`)."""
         c = x.shape[-1]
         scale = self.param("scale", self.scale_init, (c,), self.param_dtype).astype(jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
@@ -88,17 +89,26 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         dtype = self.dtype or x.dtype
         if self.use_running_average:
-            return ops.batch_norm_apply(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, dtype)
+            return ops.batch_norm_apply(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon,
+                                        dtype, relu)
         if stats is None:
-            y, (mean, var) = ops.batch_norm_train(x, scale, bias, self.epsilon, jnp.dtype(dtype))
+            y, (mean, var) = ops.batch_norm_train(x, scale, bias, self.epsilon, jnp.dtype(dtype), relu)
         else:
             mean, var = stats
-            y = ops.batch_norm_given_stats(x, mean, var, scale, bias, self.epsilon, jnp.dtype(dtype))
+            y = ops.batch_norm_given_stats(x, mean, var, scale, bias, self.epsilon, jnp.dtype(dtype),
+                                           relu)
         if not self.is_initializing():
             m = self.momentum
             ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
             ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
         return y
+
+
+def norm_relu(bn_mod: nn.Module, x, **kw):
+    """ReLU(`bn_mod`(x)): fused into jaxcnn's BatchNorm, separate after flax's."""
+    if isinstance(bn_mod, BatchNorm):
+        return bn_mod(x, relu=True, **kw)
+    return nn.relu(bn_mod(x, **kw))
 
 
 def conv_bn(x, conv_mod: nn.Conv, bn_mod: nn.Module, train: bool, *, relu: bool = True,
@@ -112,6 +122,8 @@ def conv_bn(x, conv_mod: nn.Conv, bn_mod: nn.Module, train: bool, *, relu: bool 
     folded kernel is rounded to the compute dtype). Training, other layouts and `ops.FOLD_BN`
     off take the unfused path."""
     y = _folded(x, conv_mod, bn_mod, relu, residual) if not train else None
+    if y is None and relu and residual is None:
+        return norm_relu(bn_mod, conv_mod(x))
     if y is None:
         y = bn_mod(conv_mod(x))
         if residual is not None:
@@ -201,12 +213,12 @@ class DenseLayer(nn.Module):
         if stats is not None:
             stats = tuple(jnp.concatenate([s[i] for s in stats]) for i in (0, 1))
         if self.bn_size:
-            y = nn.relu(norm(train, name="norm1", **kw)(y, **_given(stats)))
+            y = norm_relu(norm(train, name="norm1", **kw), y, **_given(stats))
             y = conv_bn(y, conv(self.bn_size * self.growth_rate, 1, name="conv1", **kw),
                         norm(train, name="norm2", **kw), train)
             y = conv(self.growth_rate, 3, name="conv2", **kw)(y)
         else:
-            y = nn.relu(norm(train, name="norm1", **kw)(y, **_given(stats)))
+            y = norm_relu(norm(train, name="norm1", **kw), y, **_given(stats))
             y = conv(self.growth_rate, 3, name="conv1", **kw)(y)
         if self.drop_rate > 0:
             y = nn.Dropout(self.drop_rate, deterministic=not train)(y, rng=dropout_rng)
@@ -355,7 +367,7 @@ class Transition(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = nn.relu(norm(train, name="norm", **kw)(x))
+        x = norm_relu(norm(train, name="norm", **kw), x)
         return conv(self.features, 1, name="conv", **kw)(avg_pool_2x2(x))
 
 
@@ -419,11 +431,11 @@ class _ResidualBlock(nn.Module):
         project = self.stride != 1 or x.shape[-1] != out_ch
         specs = self.specs(out_ch)
         if self.preact:
-            y = nn.relu(norm(train, name="bn1", **kw)(x))
+            y = norm_relu(norm(train, name="bn1", **kw), x)
             shortcut = conv(out_ch, 1, self.stride, name="downsample_conv", **kw)(y) if project else x
             for i, (k, s, c) in enumerate(specs):
                 if i:
-                    y = nn.relu(norm(train, name=f"bn{i + 1}", **kw)(y))
+                    y = norm_relu(norm(train, name=f"bn{i + 1}", **kw), y)
                 y = conv(c, k, s, name=f"conv{i + 1}", **kw)(y)
         else:
             *units, last = [(conv(c, k, s, name=f"conv{i + 1}", **kw), norm(train, name=f"bn{i + 1}", **kw))
@@ -483,7 +495,7 @@ class DenseResidualBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = DenseBlock(self.num_layers, self.growth_rate, self.bn_size, remat=self.remat,
                        name="dense", **kw)(x, train)
-        y = nn.relu(norm(train, name="compress_norm", **kw)(y))
+        y = norm_relu(norm(train, name="compress_norm", **kw), y)
         y = conv(x.shape[-1], 1, name="compress_conv", **kw)(y)
         if self.se:
             y = SqueezeExcite(self.se_reduction, name="se", **kw)(y)

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxcnn import dnnl, onednn
+from jaxcnn import bnorm, dnnl, onednn
 
 # Switches, read when a model is traced (so one process can compare both settings; see
 # `enabled`). JAXCNN_PLAIN_OPS=1 in the environment starts with all of them off.
@@ -53,8 +53,9 @@ BIAS_GRAD = not _PLAIN       # convolution bias gradients summed in float32 (add
 DENSE_BUFFER = not _PLAIN    # dense blocks in inference grow one buffer in place (layers.DenseBlock)
 FOLD_BN = not _PLAIN         # inference: conv + BN (+ add) (+ ReLU) as one oneDNN call (layers.conv_bn)
 DNNL_WGRAD = not _PLAIN      # convolution weight gradients by oneDNN's library (jaxcnn.dnnl; CPU only)
+DNNL_BN = not _PLAIN         # training BatchNorm (+ ReLU) by oneDNN's library (jaxcnn.bnorm; CPU only)
 _SWITCHES = ("FENCES", "DOT_1X1", "MAX_POOL_GRAD", "CUSTOM_BN", "DENSE_REMAT", "ONEDNN", "BIAS_GRAD",
-             "DENSE_BUFFER", "FOLD_BN", "DNNL_WGRAD")
+             "DENSE_BUFFER", "FOLD_BN", "DNNL_WGRAD", "DNNL_BN")
 
 
 def enabled(on: bool = True):
@@ -424,40 +425,69 @@ def bn_affine(mean, var, scale, bias, eps):
     return a, bias.astype(jnp.float32) - mean * a
 
 
-def batch_norm_apply(x, mean, var, scale, bias, eps, dtype):
-    """y = (x - mean) / sqrt(var + eps) * scale + bias in float32, cast to `dtype`."""
+def batch_norm_apply(x, mean, var, scale, bias, eps, dtype, relu: bool = False):
+    """y = (x - mean) / sqrt(var + eps) * scale + bias in float32 (then ReLU when `relu`), cast
+    to `dtype`."""
     a, b = bn_affine(mean, var, scale, bias, eps)
-    return (x.astype(jnp.float32) * a + b).astype(dtype)
+    y = x.astype(jnp.float32) * a + b
+    return (jnp.maximum(y, 0.0) if relu else y).astype(dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_norm_train(x, scale, bias, eps: float, dtype):
-    """BatchNorm over every axis but the last, with batch statistics. Returns (y, (mean, biased var))."""
+# `relu=True` fuses the ReLU that follows most BatchNorms into them, gradient included: the
+# backward pass recomputes the ReLU's mask from x and the statistics instead of storing the
+# BatchNorm's output for it. Separately, autodiff of `relu(bn(x))` kept the pre-activation as a
+# residual: one more activation-sized write in the forward pass and a select pass over it in
+# the backward, on XLA:CPU a convert-heavy loop each in bf16 (see `_bn_sums`).
+
+
+def _by_dnnl(x, dtype, relu: bool) -> bool:
+    """Whether a training BatchNorm of `x` runs on oneDNN's kernels (`jaxcnn.bnorm`): one pass
+    over bf16 data where XLA:CPU copies it to float32 for its reductions. Only with the ReLU
+    fused: a plain BatchNorm (ResNet's before the residual add) on oneDNN made resnet18_cifar's
+    fp32 step no faster and its buffers 663 -> 805 MB (batch 128), with only the BN-ReLUs
+    there 667 MB."""
+    return relu and DNNL_BN and on_cpu() and bnorm.applies(x, dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def batch_norm_train(x, scale, bias, eps: float, dtype, relu: bool = False):
+    """BatchNorm over every axis but the last, with batch statistics (then ReLU when `relu`).
+    Returns (y, (mean, biased var))."""
+    (y, stats), _ = _bn_fwd(x, scale, bias, eps, dtype, relu)
+    return y, stats
+
+
+def _bn_fwd(x, scale, bias, eps, dtype, relu):
+    if _by_dnnl(x, dtype, relu):
+        y, mean, var, ws = bnorm.forward(x, scale, bias, eps, relu)
+        return (y, (mean, var)), (x, mean, var, scale, bias, ws)
     mean, var = _bn_stats(x)
-    return batch_norm_apply(x, mean, var, scale, bias, eps, dtype), (mean, var)
+    y = batch_norm_apply(x, mean, var, scale, bias, eps, dtype, relu)
+    return (y, (mean, var)), (x, mean, lax.rsqrt(var + eps), scale, bias, None)
 
 
-def _bn_fwd(x, scale, bias, eps, dtype):
-    mean, var = _bn_stats(x)
-    y = batch_norm_apply(x, mean, var, scale, bias, eps, dtype)
-    return (y, (mean, var)), (x, mean, lax.rsqrt(var + eps), scale)
-
-
-def _bn_sums(x, mean, r, g):
-    """The backward pass's float32 cotangent, x-hat, and their channel sums sum(g), sum(g*x-hat)."""
+def _bn_sums(x, mean, r, scale, bias, g, relu):
+    """The backward pass's float32 cotangent (zero where the fused ReLU was off), x-hat, and
+    their channel sums sum(g), sum(g*x-hat)."""
     g = g.astype(jnp.float32)
     xhat = (x.astype(jnp.float32) - mean) * r
+    if relu:  # the forward pass's pre-activation, computed as batch_norm_apply computes it
+        a = scale.astype(jnp.float32) * r
+        g = jnp.where(x.astype(jnp.float32) * a + (bias.astype(jnp.float32) - mean * a) > 0, g, 0.0)
     axes = tuple(range(x.ndim - 1))
     return g, xhat, g.sum(axis=axes), (g * xhat).sum(axis=axes)
 
 
-def _bn_bwd(eps, dtype, res, cts):
-    x, mean, r, scale = res
+def _bn_bwd(eps, dtype, relu, res, cts):
     # the statistics output only feeds the running averages: its cotangent is ignored
-    g, xhat, sum_g, sum_gx = _bn_sums(x, mean, r, cts[0])
+    x, mean, r, scale, bias, ws = res
+    if ws is not None:  # oneDNN's forward: r is the variance
+        dx, sum_gx, sum_g = bnorm.backward(x, cts[0], mean, r, scale, ws, eps, relu, False)
+        return dx, sum_gx.astype(scale.dtype), sum_g.astype(bias.dtype)
+    g, xhat, sum_g, sum_gx = _bn_sums(x, mean, r, scale, bias, cts[0], relu)
     n = x.size // x.shape[-1]
     dx = (scale * r) * (g - (sum_g + xhat * sum_gx) / n)
-    return dx.astype(x.dtype), sum_gx.astype(scale.dtype), sum_g.astype(scale.dtype)
+    return dx.astype(x.dtype), sum_gx.astype(scale.dtype), sum_g.astype(bias.dtype)
 
 
 batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
@@ -492,23 +522,29 @@ def _stats_bwd(res, cts):
 batch_stats.defvjp(_stats_fwd, _stats_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def batch_norm_given_stats(x, mean, var, scale, bias, eps: float, dtype):
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def batch_norm_given_stats(x, mean, var, scale, bias, eps: float, dtype, relu: bool = False):
     """`batch_norm_apply` differentiable in the statistics too (see `batch_stats`)."""
-    return batch_norm_apply(x, mean, var, scale, bias, eps, dtype)
+    return _given_fwd(x, mean, var, scale, bias, eps, dtype, relu)[0]
 
 
-def _given_fwd(x, mean, var, scale, bias, eps, dtype):
+def _given_fwd(x, mean, var, scale, bias, eps, dtype, relu):
     r = lax.rsqrt(var + eps)
-    return batch_norm_apply(x, mean, var, scale, bias, eps, dtype), (x, mean, r, scale)
+    if _by_dnnl(x, dtype, relu):
+        y, ws = bnorm.forward(x, scale, bias, eps, relu, stats=(mean, var))
+        return y, (x, mean, var, r, scale, bias, ws)
+    return batch_norm_apply(x, mean, var, scale, bias, eps, dtype, relu), (x, mean, var, r, scale, bias, None)
 
 
-def _given_bwd(eps, dtype, res, g):
-    x, mean, r, scale = res
-    g, _, sum_g, sum_gx = _bn_sums(x, mean, r, g)
+def _given_bwd(eps, dtype, relu, res, g):
+    x, mean, var, r, scale, bias, ws = res
+    if ws is not None:
+        dx, sum_gx, sum_g = bnorm.backward(x, g, mean, var, scale, ws, eps, relu, True)
+    else:
+        g, _, sum_g, sum_gx = _bn_sums(x, mean, r, scale, bias, g, relu)
+        dx = (g * (scale * r)).astype(x.dtype)
     sr = scale * r
-    return ((g * sr).astype(x.dtype), -sr * sum_g, -0.5 * sr * r * sum_gx,
-            sum_gx.astype(scale.dtype), sum_g.astype(scale.dtype))
+    return (dx, -sr * sum_g, -0.5 * sr * r * sum_gx, sum_gx.astype(scale.dtype), sum_g.astype(bias.dtype))
 
 
 batch_norm_given_stats.defvjp(_given_fwd, _given_bwd)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxcnn import ops
-from jaxcnn.layers import DenseBlock, Transition, conv, conv_bn, norm, transition_features
+from jaxcnn.layers import DenseBlock, Transition, conv, conv_bn, norm, norm_relu, transition_features
 from jaxcnn.models.registry import register_model
 
 
@@ -51,7 +51,7 @@ class DenseNet(nn.Module):
                 ch = transition_features(ch, self.compression)
                 x = Transition(ch, name=f"transition{i + 1}", **kw)(x, train)
             self.sow("intermediates", f"stage{i + 1}", x)
-        x = nn.relu(norm(train, name="norm5", **kw)(x))
+        x = norm_relu(norm(train, name="norm5", **kw), x)
         x = jnp.mean(x, axis=(1, 2))
         if features_only:
             return x

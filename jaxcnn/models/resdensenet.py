@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxcnn import ops
-from jaxcnn.layers import DenseResidualBlock, Transition, conv, conv_bn, norm
+from jaxcnn.layers import DenseResidualBlock, Transition, conv, conv_bn, norm, norm_relu
 from jaxcnn.models.registry import register_model
 
 
@@ -47,7 +47,7 @@ class ResDenseNet(nn.Module):
             if i != len(self.block_config) - 1:
                 ch *= 2
                 x = Transition(ch, name=f"transition{i + 1}", **kw)(x, train)
-        x = nn.relu(norm(train, name="final_bn", **kw)(x))
+        x = norm_relu(norm(train, name="final_bn", **kw), x)
         x = jnp.mean(x, axis=(1, 2))
         if features_only:
             return x

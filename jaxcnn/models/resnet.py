@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxcnn import ops
-from jaxcnn.layers import BasicBlock, Bottleneck, conv, conv_bn, norm
+from jaxcnn.layers import BasicBlock, Bottleneck, conv, conv_bn, norm, norm_relu
 from jaxcnn.models.registry import register_model
 
 
@@ -48,7 +48,7 @@ class ResNet(nn.Module):
                               se_reduction=self.se_reduction, name=f"layer{i + 1}_{j}", **kw)(x, train)
             self.sow("intermediates", f"stage{i + 1}", x)
         if self.preact:
-            x = nn.relu(norm(train, name="bn_final", **kw)(x))
+            x = norm_relu(norm(train, name="bn_final", **kw), x)
         x = jnp.mean(x, axis=(1, 2))
         if features_only:
             return x
