@@ -72,14 +72,8 @@ class _Plans:
             ctypes.c_uint(flags), fwd, rt.attr), "batch-norm backward descriptor")
         ws_md = dnnl._vp(rt.lib.dnnl_primitive_desc_query_md(fwd, dnnl._QUERY_EXEC_ARG_MD, _WS))
         ws_size = rt.lib.dnnl_memory_desc_get_size(ws_md) if flags & RELU else 0
-        buffers = []
-
-        def owned(md):  # scratchpads (see dnnl._Dnnl.plan)
-            buf = np.zeros(rt.lib.dnnl_memory_desc_get_size(md) + 64, np.uint8)
-            buffers.append(buf)
-            mem, address = rt._memory(md), -(-buf.ctypes.data // 64) * 64
-            rt._set(mem, address)
-            return mem, address
+        buffers = []  # the scratchpads, kept with the plan
+        owned = rt.owner(buffers)
 
         m = {name: rt._memory(data) for name in ("x", "y", "g", "dx")}
         m.update({name: rt._memory(vec) for name in ("mean", "var", "scale", "shift", "d_scale", "d_shift")})
@@ -93,13 +87,14 @@ class _Plans:
                                  [(_DIFF_SRC, m["dx"]), (_DIFF_SCALE, m["d_scale"]),
                                   (_DIFF_SHIFT, m["d_shift"])], owned)
         return dict(forward=forward, backward=backward, mem=m, ws_size=int(ws_size), buffers=buffers,
-                    impl=(rt._impl(fwd), rt._impl(bwd)), lock=threading.Lock())
+                    impl=(rt._impl(fwd), rt._impl(bwd)))
 
     def run(self, key, direction: str, addresses: dict):
         """One call of `key`'s forward or backward on XLA's buffers (name -> address), on
-        oneDNN's OpenMP threads; one oneDNN call at a time (they use every core)."""
+        oneDNN's OpenMP threads; one oneDNN call at a time (they use every core), which also
+        keeps a plan's memories to one call."""
         plan = self.get(key)
-        with self.rt.lock, plan["lock"]:
+        with self.rt.lock:
             for name, address in addresses.items():
                 self.rt._set(plan["mem"][name], address)
             self.rt._exec(plan[direction], "batch norm " + direction)
@@ -115,36 +110,24 @@ def _plans():
 
 # --- the custom calls. The last operand is int32 [flags, eps as float32 bits].
 
-def _frame_handler(name: str, run):
-    """A typed-FFI handler (ctypes) that passes the call's buffers to `run(args, rets)`."""
-    def handler(frame_p):
-        frame = frame_p.contents
-        if frame.ext:  # XLA asks for the handler's metadata
-            if frame.ext.contents.type == 1:
-                meta = ctypes.cast(frame.ext, ctypes.POINTER(dnnl._MetadataExt)).contents.metadata.contents
-                meta.api_version.major, meta.api_version.minor = dnnl._FFI_API_VERSION
-                meta.traits = 0
-            return None
-        if frame.stage != dnnl._FFI_EXECUTE:
-            return None
-        try:
-            args = [frame.args.items[i].contents for i in range(frame.args.size)]
-            rets = [frame.rets.items[i].contents for i in range(frame.rets.size)]
-            run(args, rets)
-            return None
-        except BaseException as e:  # never unwind into XLA
-            return dnnl._ffi_error(frame.api, f"jaxcnn oneDNN {name}: {type(e).__name__}: {e}")
-    return ctypes.CFUNCTYPE(dnnl._vp, ctypes.POINTER(dnnl._CallFrame))(handler)
+def _key(shape, dtype, eps: float, flags: int) -> tuple:
+    """A plan's key; eps as the float32 the call carries."""
+    return tuple(shape), jnp.dtype(dtype).name, float(np.float32(eps)), flags
+
+
+def _flags(relu: bool, global_stats: bool) -> int:
+    return (RELU if relu else 0) | (GLOBAL_STATS if global_stats else 0)
 
 
 def _key_of(x, config) -> tuple:
-    v = ctypes.cast(config.data, ctypes.POINTER(ctypes.c_int32))
-    eps = float(np.array([v[1]], np.int32).view(np.float32)[0])
-    shape = tuple(x.dims[i] for i in range(x.rank))
-    return shape, "bfloat16" if x.dtype == dnnl._FFI_BF16 else "float32", eps, int(v[0])
+    """The key of a call, from its x buffer and its config operand [flags, eps's float32 bits]."""
+    flags = ctypes.cast(config.data, ctypes.POINTER(ctypes.c_int32))[0]
+    eps = ctypes.cast(config.data + 4, ctypes.POINTER(ctypes.c_float))[0]
+    return (tuple(x.dims[i] for i in range(x.rank)), "bfloat16" if x.dtype == dnnl._FFI_BF16 else "float32",
+            eps, flags)
 
 
-def _run_forward(args, rets):
+def _run_forward(frame, args, rets):
     key = _key_of(args[0], args[-1])
     a = dict(x=args[0].data, scale=args[1].data, shift=args[2].data, y=rets[0].data)
     if key[3] & GLOBAL_STATS:
@@ -156,7 +139,7 @@ def _run_forward(args, rets):
     _plans().run(key, "forward", a)
 
 
-def _run_backward(args, rets):
+def _run_backward(frame, args, rets):
     key = _key_of(args[0], args[-1])
     a = dict(x=args[0].data, g=args[1].data, mean=args[2].data, var=args[3].data, scale=args[4].data,
              dx=rets[0].data, d_scale=rets[1].data, d_shift=rets[2].data)
@@ -165,8 +148,8 @@ def _run_backward(args, rets):
     _plans().run(key, "backward", a)
 
 
-_FWD_HANDLER = _frame_handler("batch norm", _run_forward)   # kept alive: XLA holds their addresses
-_BWD_HANDLER = _frame_handler("batch norm gradient", _run_backward)
+_FWD_HANDLER = dnnl.ffi_handler("batch norm", _run_forward)   # kept alive: XLA holds their addresses
+_BWD_HANDLER = dnnl.ffi_handler("batch norm gradient", _run_backward)
 
 
 @functools.lru_cache(maxsize=None)
@@ -183,7 +166,7 @@ def _config(eps: float, flags: int) -> tuple:
 def _ws_size(shape, dtype, eps: float, flags: int) -> int:
     """The ReLU mask's bytes (0 without ReLU); builds the plan, so that a shape oneDNN rejects
     fails when the step is traced, not when it runs."""
-    return _plans().get((tuple(shape), jnp.dtype(dtype).name, float(np.float32(eps)), flags))["ws_size"]
+    return _plans().get(_key(shape, dtype, eps, flags))["ws_size"]
 
 
 def _abstract(*args, results, config):
@@ -220,7 +203,7 @@ def _call(target, operands, results, config):
 
 def forward(x, scale, shift, eps: float, relu: bool, stats=None):
     """(y, mean, var, ws) with batch statistics, or (y, ws) with `stats` = (mean, var) given."""
-    flags = (RELU if relu else 0) | (GLOBAL_STATS if stats is not None else 0)
+    flags = _flags(relu, stats is not None)
     ws = _ws_size(x.shape, x.dtype, eps, flags)
     c = x.shape[-1]
     y, vec, mask = (x.shape, x.dtype), ((c,), jnp.float32), ((max(ws, 1),), jnp.uint8)
@@ -234,8 +217,8 @@ def forward(x, scale, shift, eps: float, relu: bool, stats=None):
 def backward(x, g, mean, var, scale, ws, eps: float, relu: bool, global_stats: bool):
     """(dx, d_scale, d_shift): d_scale = sum(g' x-hat), d_shift = sum(g'), g' the cotangent masked
     by the ReLU; dx includes the statistics' terms unless `global_stats`."""
-    flags = (RELU if relu else 0) | (GLOBAL_STATS if global_stats else 0)
-    _ws_size(x.shape, x.dtype, eps, flags)
+    flags = _flags(relu, global_stats)
+    _ws_size(x.shape, x.dtype, eps, flags)  # the plan (built by the forward pass already)
     vec = ((x.shape[-1],), jnp.float32)
     return _call(BWD_TARGET, (x, g.astype(x.dtype), mean, var, scale.astype(jnp.float32), ws),
                  ((x.shape, x.dtype), vec, vec), _config(eps, flags))
@@ -281,5 +264,4 @@ def usable() -> bool:
 
 def implementation(shape, dtype, eps: float = 1e-5, relu: bool = True, global_stats: bool = False) -> tuple:
     """oneDNN's names for the forward and backward kernels it picked (tests, benchmarks)."""
-    flags = (RELU if relu else 0) | (GLOBAL_STATS if global_stats else 0)
-    return _plans().get((tuple(shape), jnp.dtype(dtype).name, float(np.float32(eps)), flags))["impl"]
+    return _plans().get(_key(shape, dtype, eps, _flags(relu, global_stats)))["impl"]

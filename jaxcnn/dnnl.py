@@ -162,6 +162,17 @@ class _Dnnl:
                 ctypes.byref(md), len(dims), _Dims(*dims), dtype, tag), "memory descriptor")
         return md
 
+    def owner(self, buffers: list):
+        """owned(md) -> (memory, address): a memory on a zeroed 64-byte aligned buffer of
+        jaxcnn's, set once; the buffer goes to `buffers`, which its plan keeps."""
+        def owned(md):
+            buf = np.zeros(self.lib.dnnl_memory_desc_get_size(md) + 64, np.uint8)
+            buffers.append(buf)
+            mem, address = self._memory(md), -(-buf.ctypes.data // 64) * 64
+            self._set(mem, address)
+            return mem, address
+        return owned
+
     def _primitive(self, pd, args, owned) -> tuple:
         """The primitive of `pd` and its argument array (with a scratchpad of its own)."""
         p = _vp()
@@ -184,13 +195,7 @@ class _Dnnl:
         (`by_matmul`). A plan's `x` and `g` list its memories (with byte offsets) for x and g."""
         lib = self.lib
         buffers = []  # kept with the plan: the gradient, the scratchpads, the im2col buffer
-
-        def owned(md):  # (memory, address) on a zeroed 64-byte aligned buffer of jaxcnn's, set once
-            buf = np.zeros(lib.dnnl_memory_desc_get_size(md) + 64, np.uint8)
-            buffers.append(buf)
-            mem, address = self._memory(md), -(-buf.ctypes.data // 64) * 64
-            self._set(mem, address)
-            return mem, address
+        owned = self.owner(buffers)
 
         try:
             built = self._by_matmul(key, owned) if self.amx and by_matmul(key) else None
@@ -567,30 +572,40 @@ def _xla_pool(frame):
     return int(n.value), schedule
 
 
-def _handler(frame_p):
-    frame = frame_p.contents
-    if frame.ext:  # XLA asks for the handler's metadata (API version, traits)
-        if frame.ext.contents.type == 1:
-            meta = ctypes.cast(frame.ext, ctypes.POINTER(_MetadataExt)).contents.metadata.contents
-            meta.api_version.major, meta.api_version.minor = _FFI_API_VERSION
-            meta.traits = 0
-        return None
-    if frame.stage != _FFI_EXECUTE:
-        return None
-    try:
-        x, g, geometry = (frame.args.items[i].contents for i in range(3))
-        out = frame.rets.items[0].contents
-        shape = lambda b: tuple(b.dims[i] for i in range(b.rank))
-        v = ctypes.cast(geometry.data, ctypes.POINTER(ctypes.c_int32))
-        key = _key(shape(x), shape(g), shape(out), (v[0], v[1]), ((v[2], v[3]), (v[4], v[5])),
-                   jnp.bfloat16 if x.dtype == _FFI_BF16 else jnp.float32)
-        _runtime().execute(key, x.data, g.data, out.data, _xla_pool(frame))
-        return None
-    except BaseException as e:  # never unwind into XLA: report the error to it
-        return _ffi_error(frame.api, f"jaxcnn oneDNN weight gradient: {type(e).__name__}: {e}")
+def ffi_handler(name: str, run):
+    """A typed-FFI handler (a ctypes function; keep it alive while XLA may call it) that passes
+    each execution's frame and its argument and result buffers to `run(frame, args, rets)`, and
+    reports whatever `run` raises to XLA as an error naming `name`."""
+    def handler(frame_p):
+        frame = frame_p.contents
+        if frame.ext:  # XLA asks for the handler's metadata (API version, traits)
+            if frame.ext.contents.type == 1:
+                meta = ctypes.cast(frame.ext, ctypes.POINTER(_MetadataExt)).contents.metadata.contents
+                meta.api_version.major, meta.api_version.minor = _FFI_API_VERSION
+                meta.traits = 0
+            return None
+        if frame.stage != _FFI_EXECUTE:
+            return None
+        try:
+            run(frame, [frame.args.items[i].contents for i in range(frame.args.size)],
+                [frame.rets.items[i].contents for i in range(frame.rets.size)])
+            return None
+        except BaseException as e:  # never unwind into XLA: report the error to it
+            return _ffi_error(frame.api, f"jaxcnn oneDNN {name}: {type(e).__name__}: {e}")
+    return ctypes.CFUNCTYPE(_vp, ctypes.POINTER(_CallFrame))(handler)
 
 
-_HANDLER = ctypes.CFUNCTYPE(_vp, ctypes.POINTER(_CallFrame))(_handler)  # kept alive: XLA holds its address
+def _run_weight_grad(frame, args, rets):
+    x, g, geometry = args
+    out = rets[0]
+    shape = lambda b: tuple(b.dims[i] for i in range(b.rank))
+    v = ctypes.cast(geometry.data, ctypes.POINTER(ctypes.c_int32))
+    key = _key(shape(x), shape(g), shape(out), (v[0], v[1]), ((v[2], v[3]), (v[4], v[5])),
+               jnp.bfloat16 if x.dtype == _FFI_BF16 else jnp.float32)
+    _runtime().execute(key, x.data, g.data, out.data, _xla_pool(frame))
+
+
+_HANDLER = ffi_handler("weight gradient", _run_weight_grad)  # kept alive: XLA holds its address
 
 
 @functools.lru_cache(maxsize=None)

@@ -122,14 +122,12 @@ def conv_bn(x, conv_mod: nn.Conv, bn_mod: nn.Module, train: bool, *, relu: bool 
     folded kernel is rounded to the compute dtype). Training, other layouts and `ops.FOLD_BN`
     off take the unfused path."""
     y = _folded(x, conv_mod, bn_mod, relu, residual) if not train else None
-    if y is None and relu and residual is None:
-        return norm_relu(bn_mod, conv_mod(x))
-    if y is None:
-        y = bn_mod(conv_mod(x))
-        if residual is not None:
-            y = y + residual
-        y = nn.relu(y) if relu else y
-    return y
+    if y is not None:
+        return y
+    if residual is None:
+        return norm_relu(bn_mod, conv_mod(x)) if relu else bn_mod(conv_mod(x))
+    y = bn_mod(conv_mod(x)) + residual
+    return nn.relu(y) if relu else y
 
 
 def _folded(x, conv_mod, bn_mod, relu, residual):

@@ -458,33 +458,35 @@ def batch_norm_train(x, scale, bias, eps: float, dtype, relu: bool = False):
 
 
 def _bn_fwd(x, scale, bias, eps, dtype, relu):
+    # residuals: ws is oneDNN's ReLU mask, None on XLA's path (which recomputes the mask)
     if _by_dnnl(x, dtype, relu):
         y, mean, var, ws = bnorm.forward(x, scale, bias, eps, relu)
         return (y, (mean, var)), (x, mean, var, scale, bias, ws)
     mean, var = _bn_stats(x)
     y = batch_norm_apply(x, mean, var, scale, bias, eps, dtype, relu)
-    return (y, (mean, var)), (x, mean, lax.rsqrt(var + eps), scale, bias, None)
+    return (y, (mean, var)), (x, mean, var, scale, bias, None)
 
 
-def _bn_sums(x, mean, r, scale, bias, g, relu):
+def _bn_sums(x, mean, var, scale, bias, eps, g, relu):
     """The backward pass's float32 cotangent (zero where the fused ReLU was off), x-hat, and
     their channel sums sum(g), sum(g*x-hat)."""
     g = g.astype(jnp.float32)
-    xhat = (x.astype(jnp.float32) - mean) * r
+    xhat = (x.astype(jnp.float32) - mean) * lax.rsqrt(var + eps)
     if relu:  # the forward pass's pre-activation, computed as batch_norm_apply computes it
-        a = scale.astype(jnp.float32) * r
-        g = jnp.where(x.astype(jnp.float32) * a + (bias.astype(jnp.float32) - mean * a) > 0, g, 0.0)
+        a, b = bn_affine(mean, var, scale, bias, eps)
+        g = jnp.where(x.astype(jnp.float32) * a + b > 0, g, 0.0)
     axes = tuple(range(x.ndim - 1))
     return g, xhat, g.sum(axis=axes), (g * xhat).sum(axis=axes)
 
 
 def _bn_bwd(eps, dtype, relu, res, cts):
     # the statistics output only feeds the running averages: its cotangent is ignored
-    x, mean, r, scale, bias, ws = res
-    if ws is not None:  # oneDNN's forward: r is the variance
-        dx, sum_gx, sum_g = bnorm.backward(x, cts[0], mean, r, scale, ws, eps, relu, False)
+    x, mean, var, scale, bias, ws = res
+    if ws is not None:
+        dx, sum_gx, sum_g = bnorm.backward(x, cts[0], mean, var, scale, ws, eps, relu, False)
         return dx, sum_gx.astype(scale.dtype), sum_g.astype(bias.dtype)
-    g, xhat, sum_g, sum_gx = _bn_sums(x, mean, r, scale, bias, cts[0], relu)
+    g, xhat, sum_g, sum_gx = _bn_sums(x, mean, var, scale, bias, eps, cts[0], relu)
+    r = lax.rsqrt(var + eps)
     n = x.size // x.shape[-1]
     dx = (scale * r) * (g - (sum_g + xhat * sum_gx) / n)
     return dx.astype(x.dtype), sum_gx.astype(scale.dtype), sum_g.astype(bias.dtype)
@@ -529,19 +531,19 @@ def batch_norm_given_stats(x, mean, var, scale, bias, eps: float, dtype, relu: b
 
 
 def _given_fwd(x, mean, var, scale, bias, eps, dtype, relu):
-    r = lax.rsqrt(var + eps)
     if _by_dnnl(x, dtype, relu):
         y, ws = bnorm.forward(x, scale, bias, eps, relu, stats=(mean, var))
-        return y, (x, mean, var, r, scale, bias, ws)
-    return batch_norm_apply(x, mean, var, scale, bias, eps, dtype, relu), (x, mean, var, r, scale, bias, None)
+        return y, (x, mean, var, scale, bias, ws)
+    return batch_norm_apply(x, mean, var, scale, bias, eps, dtype, relu), (x, mean, var, scale, bias, None)
 
 
 def _given_bwd(eps, dtype, relu, res, g):
-    x, mean, var, r, scale, bias, ws = res
+    x, mean, var, scale, bias, ws = res
+    r = lax.rsqrt(var + eps)
     if ws is not None:
         dx, sum_gx, sum_g = bnorm.backward(x, g, mean, var, scale, ws, eps, relu, True)
     else:
-        g, _, sum_g, sum_gx = _bn_sums(x, mean, r, scale, bias, g, relu)
+        g, _, sum_g, sum_gx = _bn_sums(x, mean, var, scale, bias, eps, g, relu)
         dx = (g * (scale * r)).astype(x.dtype)
     sr = scale * r
     return (dx, -sr * sum_g, -0.5 * sr * r * sum_gx, sum_gx.astype(scale.dtype), sum_g.astype(bias.dtype))
