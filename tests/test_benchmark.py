@@ -57,3 +57,30 @@ def test_profile_step_lists_the_step_operations():
     assert any("conv" in name for name in ops), p.stdout
     assert all(ms >= 0 for ms in ops.values()) and sum(ops.values()) > 0, p.stdout
     assert "step ms: " in p.stdout and "slowest step" in p.stdout, p.stdout
+
+
+def test_device_overhead_is_the_median_of_same_pass_ratios(monkeypatch, tmp_path):
+    """The devices table: each pass's overhead against that pass's 1-device run, medians over
+    passes (the workers are stood in for by a table of rates: their own code runs in
+    test_train's multi-device tests)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import throughput
+    rates = iter([100.0, 80.0, 50.0, 90.0, 60.0, 45.0, 110.0, 100.0, 100.0])  # 3 passes x (1, 2, 4)
+    calls = []
+
+    def worker(args, env=None):
+        calls.append((args[2], env["XLA_FLAGS"]))
+        return {"devices": int(args[2]), "train_img_s": next(rates)}
+
+    monkeypatch.setattr(throughput, "_run_worker", worker)
+    a = throughput.argparse.Namespace(devices=[1, 2, 4], device_passes=3, devices_model="simple_cnn")
+    rows = throughput._device_rows(a, [])
+    assert [c[0] for c in calls] == ["1", "2", "4"] * 3  # passes alternate over the device counts
+    assert calls[2][1].endswith("--xla_force_host_platform_device_count=4")
+    four = rows[2]
+    assert four["rates"] == [50.0, 45.0, 100.0] and four["train_img_s"] == 50.0
+    # per pass: 100/50 - 1 = 100%, 90/45 - 1 = 100%, 110/100 - 1 = 10%; median 100%
+    assert [round(o, 2) for o in four["overheads"]] == [1.0, 1.0, 0.1] and four["overhead"] == 1.0
+    out = tmp_path / "r.md"
+    throughput.write_report(str(out), "cmd", {"cpu": "x"}, [], [], rows, {}, 1.0)
+    assert "| 4 | 50.0 | 100% | 100%, 100%, 10% |" in out.read_text()
