@@ -48,6 +48,18 @@ def _median_ms(fn, rounds: int) -> float:
     return float(np.median(times) * 1e3)
 
 
+def _gflops(ci: int, co: int, hw: int, s: int) -> float:
+    """Multiply-adds x 2 of one 3x3 convolution (padding 1) at batch BATCH, in GFLOP."""
+    return 2 * BATCH * (hw // s) ** 2 * co * ci * 9 / 1e9
+
+
+def _sgemm_gflops(n: int = 4096, rounds: int = 3) -> float:
+    """NumPy's f32 n x n matmul (its BLAS, every core) on random data: what this machine's
+    f32 multiply-adds reach, for the kernels' GFLOP/s to be read against."""
+    a = np.random.default_rng(0).random((n, n), np.float32)
+    return 2 * n ** 3 / (_median_ms(lambda: a @ a, rounds) / 1e3) / 1e9
+
+
 def worker_jax(rounds: int, shapes, bf16: bool = False):
     import jax
     import jax.numpy as jnp
@@ -122,14 +134,17 @@ def main(argv=None):
          "", f"Batch 128, {a.precision}, 3x3 kernels, padding 1. ms per call, median of {rounds} rounds; "
          "ratio = PyTorch time / jaxcnn time (above 1: jaxcnn faster). \"XLA\": jaxcnn with "
          "JAXCNN_ONEDNN=0 (XLA's Eigen convolutions).", "",
+         f"\"GFLOP/s\": jaxcnn's inference; NumPy's f32 4096x4096 matmul on this machine, measured "
+         f"after the workers: {_sgemm_gflops():.0f} GFLOP/s.", "",
          "| model | conv | size | per step | infer jaxcnn | infer XLA | infer PyTorch | ratio "
-         "| train jaxcnn | train XLA | train PyTorch | ratio |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| train jaxcnn | train XLA | train PyTorch | ratio | GFLOP/s |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     totals = {}
     for (model, ci, co, hw, s, n), j, x, t in zip(shapes, res["jax"], res["xla"], res["torch"]):
         L.append(f"| {model} | {ci}->{co}{' /2' if s == 2 else ''} | {hw} | {n} | {j['infer']:.2f} | "
                  f"{x['infer']:.2f} | {t['infer']:.2f} | {t['infer'] / j['infer']:.2f} | {j['train']:.2f} | "
-                 f"{x['train']:.2f} | {t['train']:.2f} | {t['train'] / j['train']:.2f} |")
+                 f"{x['train']:.2f} | {t['train']:.2f} | {t['train'] / j['train']:.2f} | "
+                 f"{_gflops(ci, co, hw, s) / j['infer'] * 1e3:.0f} |")
         tot = totals.setdefault(model, np.zeros(6))
         tot += n * np.array([j["infer"], x["infer"], t["infer"], j["train"], x["train"], t["train"]])
     L += ["", "Per model, every 3x3 convolution of one step (ms):", "",

@@ -35,6 +35,10 @@ def test_conv_kernel_benchmark_writes_both_frameworks(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     # infer jaxcnn, XLA, PyTorch, ratio, train jaxcnn, XLA, PyTorch, ratio: all measured numbers
     assert all(re.match(r"^\d+\.\d\d$", c) for c in cells[4:12]), cells
+    # GFLOP/s of jaxcnn's inference: 2 x batch 128 x 8 x 8 pixels x 12 x 48 x 9 flops over its time
+    # (the table's time is rounded to 0.01 ms)
+    want = 2 * 128 * 8 * 8 * 12 * 48 * 9 / float(cells[4]) / 1e6
+    assert abs(int(cells[12]) - want) <= 1 + 0.03 * want, cells
 
 
 def test_step_breakdown_times_the_real_and_the_stand_in_step():
