@@ -225,3 +225,25 @@ def test_inference_folds_batchnorm_into_fused_convolutions(name, fused, adds, ma
         want_g = jax.jit(jax.grad(lambda x: fwd(v, x).max(-1).sum()))(x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got_g, want_g, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,hw,channels,on_onednn", [(jnp.float32, 4, 256, False), (jnp.float32, 8, 256, True),
+                                                          (jnp.float32, 4, 128, True), (jnp.bfloat16, 4, 256, True)])
+def test_inference_small_f32_images_take_xla_convolution(dtype, hw, channels, on_onednn):
+    """layers._xla_faster: an f32 conv-BN-ReLU unit with a 3-5 px output and >= 256 channels
+    is XLA's convolution in inference (faster there on this CPU), with the same values as the
+    unfolded unit; larger images, fewer channels and bf16 stay one fused oneDNN call."""
+    from jaxcnn.layers import ConvBNAct
+    unit = ConvBNAct(channels, dtype=dtype)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, hw, hw, channels)), dtype)
+    v = unit.init(jax.random.PRNGKey(0), x)
+    stats = jax.tree_util.tree_map(lambda a: a + 0.5, v["batch_stats"])  # not the identity BN
+    v = {**v, "batch_stats": stats}
+    fwd = jax.jit(lambda v, x: unit.apply(v, x))
+    assert ("RELU" in fwd.lower(v, x).as_text()) == on_onednn  # the fused call's post-op
+    assert _onednn_calls(lambda v, x: unit.apply(v, x), v, x) == int(on_onednn)
+    got = fwd(v, x)
+    with ops.switched(FOLD_BN=False):
+        want = jax.jit(lambda v, x: unit.apply(v, x))(v, x)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
