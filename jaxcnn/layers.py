@@ -147,30 +147,8 @@ def _folded(x, conv_mod, bn_mod, relu, residual):
         shift = shift + cv["params"]["bias"].astype(jnp.float32) * s
     kernel = (cv["params"]["kernel"].astype(jnp.float32) * s).astype(dtype)
     dn = lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
-    if _xla_faster(x.astype(dtype), kernel, tuple(conv_mod.strides), conv_mod.padding, dn):
-        pads = onednn._pads(x.shape, kernel.shape, tuple(conv_mod.strides), conv_mod.padding, dn)
-        return onednn._fused_reference(x.astype(dtype), kernel, shift, *(() if residual is None else (residual,)),
-                                       strides=tuple(conv_mod.strides), pads=pads, dn=dn, relu=relu)
     return onednn.fused_conv(x.astype(dtype), kernel, shift, tuple(conv_mod.strides),
                              tuple(tuple(p) for p in conv_mod.padding), dn, residual, relu)
-
-
-def _xla_faster(x, w, strides, padding, dn) -> bool:
-    """Inference: f32 convolutions with a 3x3 to 5x5 pixel output and >= 256 channels in and
-    out, where XLA's own (Eigen: im2col + one large GEMM, with the folded BatchNorm, residual and
-    ReLU as one elementwise pass after it) beat oneDNN's direct kernel, whose work there is mostly
-    image border (resnet18_cifar's last stage). Batch 128, 2-core Xeon, ms, oneDNN with
-    bias + ReLU / XLA: 512->512 at 4x4 40.4 / 31.9, 256->512 stride 2 to 4x4 21.6 / 15.3,
-    512->512 at 3x3 30.5 / 16.3, at 5x5 47.8 / 42.3, at 6x6 60.2 / 62.3; 256->256 at 4x4 8.4 /
-    8.1, 128->128 1.5 / 2.3. Not at 2x2 (XLA took 1 s there) nor in bf16 (oneDNN 2.6-3x faster).
-    resnet18_cifar's fp32 eval step at batch 128: 463 and 493 -> 440 and 451 ms. Training keeps
-    oneDNN there: the same switch made its step no faster (1,714 and 1,755 vs 1,751 and 1,760)."""
-    if jnp.dtype(x.dtype) != jnp.float32 or not isinstance(dn, lax.ConvDimensionNumbers):
-        return False
-    pads = onednn._pads(x.shape, w.shape, strides, padding, dn)
-    spatial = [(x.shape[i] + lo + hi - w.shape[k]) // s + 1
-               for i, k, (lo, hi), s in zip(dn.lhs_spec[2:], dn.rhs_spec[2:], pads, strides)]
-    return all(3 <= v <= 5 for v in spatial) and x.shape[dn.lhs_spec[1]] >= 256 and w.shape[dn.rhs_spec[0]] >= 256
 
 
 class ConvBNAct(nn.Module):

@@ -540,12 +540,12 @@ def _given_fwd(x, mean, var, scale, bias, eps, dtype, relu):
 def _given_bwd(eps, dtype, relu, res, g):
     x, mean, var, scale, bias, ws = res
     r = lax.rsqrt(var + eps)
+    sr = scale * r
     if ws is not None:
         dx, sum_gx, sum_g = bnorm.backward(x, g, mean, var, scale, ws, eps, relu, True)
     else:
         g, _, sum_g, sum_gx = _bn_sums(x, mean, var, scale, bias, eps, g, relu)
-        dx = (g * (scale * r)).astype(x.dtype)
-    sr = scale * r
+        dx = (g * sr).astype(x.dtype)
     return (dx, -sr * sum_g, -0.5 * sr * r * sum_gx, sum_gx.astype(scale.dtype), sum_g.astype(bias.dtype))
 
 

@@ -230,7 +230,7 @@ def test_inference_folds_batchnorm_into_fused_convolutions(name, fused, adds, ma
 @pytest.mark.parametrize("dtype,hw,channels,on_onednn", [(jnp.float32, 4, 256, False), (jnp.float32, 8, 256, True),
                                                           (jnp.float32, 4, 128, True), (jnp.bfloat16, 4, 256, True)])
 def test_inference_small_f32_images_take_xla_convolution(dtype, hw, channels, on_onednn):
-    """layers._xla_faster: an f32 conv-BN-ReLU unit with a 3-5 px output and >= 256 channels
+    """onednn._xla_faster: an f32 conv-BN-ReLU unit with a 3-5 px output and >= 256 channels
     is XLA's convolution in inference (faster there on this CPU), with the same values as the
     unfolded unit; larger images, fewer channels and bf16 stay one fused oneDNN call."""
     from jaxcnn.layers import ConvBNAct
