@@ -658,6 +658,21 @@ def applies(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups) -> bool:
     return dn == _NHWC and onednn.applies(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups) and usable()
 
 
+def xla_faster(x, w, strides, padding) -> bool:
+    """f32 weight gradients of convolutions with an output of at most 5x5 px and >= 256 channels
+    in and out (resnet18_cifar's last stage), where XLA's (Eigen: im2col + one large GEMM) beats
+    oneDNN's backward-weights kernel, which there runs at 90-250 GFLOP/s against Eigen's 250-330.
+    2-core Xeon, random data, ms, oneDNN / XLA: batch 128, 512->512 at 4x4 42.8 / 31.2, at 2x2
+    27.5 / 8.8, at 5x5 57.2 / 54.6, at 6x6 72.5 / 69.1 (kept on oneDNN: within noise), at 8x8
+    116.5 / 133.6; 256->512 stride 2 to 4x4 24.9 / 19.1, 256->256 at 4x4 9.2 / 8.1; batch 32
+    (a device's share of 128 on 4 devices): 512->512 at 4x4 12.6 / 8.1, 256->512 stride 2 7.0 / 4.4.
+    Not with fewer channels (128->32 at 4x4: 0.8 / 1.9) nor in bf16 (oneDNN 2.7-3x faster)."""
+    out = [(x.shape[d] + sum(p) - w.shape[i]) // s + 1
+           for d, i, s, p in zip((1, 2), (0, 1), strides, onednn._pads(x.shape, w.shape, strides, padding, _NHWC))]
+    return (jnp.dtype(x.dtype) == jnp.float32 and all(o <= 5 for o in out)
+            and x.shape[3] >= 256 and w.shape[3] >= 256)
+
+
 def weight_grad(x, g, w_shape, strides, padding, dtype):
     """The weight gradient (HWIO, `dtype`) of the NHWC convolution of `x` that gave cotangent
     `g` (same dtype as x), by oneDNN. Call where `applies`."""

@@ -130,7 +130,8 @@ def _fenced_conv(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups, precision
 
 
 def _wgrad_by_dnnl(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups, precision) -> bool:
-    return DNNL_WGRAD and dnnl.applies(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups)
+    return (DNNL_WGRAD and dnnl.applies(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups)
+            and not dnnl.xla_faster(x, w, strides, padding))
 
 
 def _fenced_fwd(x, w, *static):

@@ -54,6 +54,26 @@ def test_weight_gradient_matches_xla(x_shape, w_shape, strides, padding, dtype):
         assert _calls(jax.grad(_loss(ops.conv_general_dilated, strides, padding), 1), x, w) == 0
 
 
+@pytest.mark.parametrize("dtype,hw,cin,cout,strides,on_dnnl", [
+    (jnp.float32, 4, 256, 256, (1, 1), False), (jnp.float32, 8, 256, 256, (2, 2), False),
+    (jnp.float32, 2, 256, 256, (1, 1), False), (jnp.float32, 6, 256, 256, (1, 1), True),
+    (jnp.float32, 4, 128, 256, (1, 1), True), (jnp.bfloat16, 4, 256, 256, (1, 1), True)])
+def test_small_f32_images_with_many_channels_take_xla_weight_gradient(dtype, hw, cin, cout, strides, on_dnnl):
+    """dnnl.xla_faster: an f32 weight gradient with an output of at most 5x5 px and >= 256
+    channels in and out is XLA's (faster there on this CPU), with the same values; larger
+    outputs, fewer channels and bf16 stay oneDNN's."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, hw, hw, cin)), dtype)
+    w = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * 0.05, dtype)
+    grad = jax.grad(_loss(ops.conv_general_dilated, strides, ((1, 1), (1, 1))), 1)
+    assert _calls(grad, x, w) == int(on_dnnl)
+    got = jax.jit(grad)(x, w)
+    exact = jax.grad(_loss(lax.conv_general_dilated, strides, ((1, 1), (1, 1))), 1)(
+        x.astype(jnp.float32), w.astype(jnp.float32))
+    tol = 1e-4 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(np.float32(got), exact, rtol=tol, atol=tol * np.abs(exact).max())
+
+
 def test_kernels_are_oneDNN_jit_ones():
     """The blocked weight layout lets oneDNN pick its direct kernels; a forced HWIO one made it
     fall back to im2col + GEMM ('gemm:jit', 2-3x slower)."""
