@@ -226,6 +226,12 @@ def fused_conv(x, w, bias, strides, padding, dn, residual=None, relu=False):
     return _fused(x, w, bias.astype(jnp.float32), res, strides, pads, dn, bool(relu))
 
 
+def xla_faster(x, w, strides, padding, dn) -> bool:
+    """`_xla_faster` for a convolution given as `lax.conv_general_dilated`'s arguments."""
+    out = _abstract(x, w, strides=tuple(strides), pads=_pads(x.shape, w.shape, strides, padding, dn), dn=dn)
+    return _xla_faster(x, w, out.shape, dn)
+
+
 def _xla_faster(x, w, out_shape, dn) -> bool:
     """f32 convolutions with a 3x3 to 5x5 pixel output and >= 256 channels in and out, where
     XLA's own (Eigen: im2col + one large GEMM, then the bias, residual and ReLU as one
@@ -234,9 +240,11 @@ def _xla_faster(x, w, out_shape, dn) -> bool:
     bias + ReLU / XLA: 512->512 at 4x4 40.4 / 31.9, 256->512 stride 2 to 4x4 21.6 / 15.3,
     512->512 at 3x3 30.5 / 16.3, at 5x5 47.8 / 42.3, at 6x6 60.2 / 62.3; 256->256 at 4x4 8.4 /
     8.1, 128->128 1.5 / 2.3. Not at 2x2 (XLA took 1 s there) nor in bf16 (oneDNN 2.6-3x faster).
-    resnet18_cifar's fp32 eval step at batch 128: 463 and 493 -> 440 and 451 ms. Only for
-    inference (`fused_conv`): in training the same switch made resnet18_cifar's step no faster
-    (1,714 and 1,755 vs 1,751 and 1,760)."""
+    resnet18_cifar's fp32 eval step at batch 128: 463 and 493 -> 440 and 451 ms. In training
+    (`xla_faster`, used by jaxcnn.ops) the forward and the input gradient, which XLA computes
+    faster there too (512->512 at 4x4: 39.6 / 26.3 ms): resnet18_cifar's fp32 training step at
+    batch 128, against the same step with these on oneDNN, alternating, median of 10 steps:
+    1,573 / 1,510, 1,539 / 1,468, 1,518 / 1,450, 1,530 / 1,455 ms."""
     return (jnp.dtype(x.dtype) == jnp.float32 and all(3 <= out_shape[d] <= 5 for d in dn.out_spec[2:])
             and x.shape[dn.lhs_spec[1]] >= 256 and w.shape[dn.rhs_spec[0]] >= 256)
 

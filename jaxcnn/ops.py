@@ -114,7 +114,8 @@ def _xla_conv(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups, precision):
 
 
 def _on_onednn(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups, precision) -> bool:
-    return ONEDNN and onednn.applies(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups)
+    return (ONEDNN and onednn.applies(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups)
+            and not onednn.xla_faster(x, w, strides, padding, dn))
 
 
 def _conv(x, w, strides, padding, lhs_dil, rhs_dil, dn, groups, precision):

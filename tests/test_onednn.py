@@ -247,3 +247,22 @@ def test_inference_small_f32_images_take_xla_convolution(dtype, hw, channels, on
         want = jax.jit(lambda v, x: unit.apply(v, x))(v, x)
     tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype,hw,channels,calls", [(jnp.float32, 4, 256, 0), (jnp.float32, 6, 256, 2),
+                                                     (jnp.float32, 4, 128, 2), (jnp.bfloat16, 4, 256, 2)])
+def test_training_small_f32_images_take_xla_convolution(dtype, hw, channels, calls):
+    """onednn.xla_faster in training: an f32 3x3 convolution with a 3-5 px output and >= 256
+    channels runs forward and input gradient as XLA's (faster there on this CPU), with the same
+    values; larger images, fewer channels and bf16 stay oneDNN's (forward + input gradient)."""
+    x, w = _pair((2, hw, hw, channels), (3, 3, channels, channels), dtype)
+    w = w * 0.1
+    loss = lambda conv: (lambda x, w: jnp.sum(jnp.sin(conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+                                                      .astype(jnp.float32))))
+    grad = jax.value_and_grad(loss(ops.conv_general_dilated), (0, 1))
+    assert _onednn_calls(grad, x, w) == calls
+    got = jax.jit(grad)(x, w)
+    want = jax.value_and_grad(loss(lax.conv_general_dilated), (0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
+    tol = 3e-2 if dtype == jnp.bfloat16 else 1e-4
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.float32(a), b, rtol=tol, atol=tol * np.abs(b).max())
