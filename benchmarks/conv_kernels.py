@@ -127,7 +127,8 @@ def main(argv=None):
     env = machine()
     command = "python benchmarks/conv_kernels.py" + "".join(f" {x}" for x in (argv or sys.argv[1:]))
     L = ["# Convolution kernels alone: jaxcnn vs XLA:CPU's own vs PyTorch (oneDNN)", "",
-         f"Command: `{command}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
+         f"Command: `{command}`  ", f"Commit: {env.get('commit')}  ",
+         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
          f"Machine: {env.get('cpu')}, {env.get('cpu_cores')} cores; jax {env.get('jax')}, "
          f"torch {env.get('torch')}  ",
          f"XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`; GLIBC_TUNABLES: `{os.environ.get('GLIBC_TUNABLES', '')}`",

@@ -426,7 +426,25 @@ def machine() -> Dict:
             env["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
         env["torch"] = None
+    env["commit"] = _commit()
     return env
+
+
+def _commit() -> str:
+    """The git commit of the jaxcnn that is measured (the checkout or worktree it is imported
+    from), marked when it has uncommitted changes; 'not a git checkout' for an installed copy."""
+    import subprocess
+    import jaxcnn
+    root = os.path.dirname(os.path.dirname(os.path.abspath(jaxcnn.__file__)))
+    git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return "not a git checkout"
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "not a git checkout"
+    return head.stdout.strip() + (" with uncommitted changes" if dirty else "")
 
 
 def _loadavg() -> str:
@@ -536,7 +554,8 @@ def main(argv=None):
 def write_report(path, command, env, rows, mem_rows, dev_rows, pipe, min_round_s=0.0):
     from jaxcnn import _xla
     L = ["# jaxcnn vs PyTorch: measured throughput", "",
-         f"Command: `{command}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
+         f"Command: `{command}`  ", f"Commit: {env.get('commit')}  ",
+         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
          f"Machine: {env.get('cpu')}, {env.get('cpu_cores')} cores"
          + (f", GPU {env['gpu']}" if env.get("gpu") else ", no GPU") + f"; JAX platform {env.get('platform')}  ",
          f"Versions: jax {env.get('jax')}, jaxlib {env.get('jaxlib')}, flax {env.get('flax')}, "

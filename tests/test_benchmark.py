@@ -24,6 +24,11 @@ def test_benchmark_writes_a_row_with_both_frameworks(tmp_path):
     assert all(number.match(c) for c in (cells[5], cells[6], cells[7])), cells
     assert cells[8] == "—" and re.match(r"^\d+\.\d\d$", cells[9]), cells
     assert "failed" not in text
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    import jaxcnn
+    if head.returncode == 0 and os.path.dirname(os.path.dirname(os.path.abspath(jaxcnn.__file__))) == ROOT:
+        # the commit measured: that of the checkout jaxcnn is imported from
+        assert re.search(rf"^Commit: {head.stdout.strip()}( with uncommitted changes)?  $", text, re.M), text[:600]
 
 
 def test_conv_kernel_benchmark_writes_both_frameworks(tmp_path):
@@ -31,6 +36,7 @@ def test_conv_kernel_benchmark_writes_both_frameworks(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "conv_kernels.py"), "--quick",
                         "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
+    assert re.search(r"^Commit: \S+", out.read_text(), re.M)
     row = next(l for l in out.read_text().splitlines() if l.startswith("| densenet_bc_100_12 | 48->12 | 8 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     # infer jaxcnn, XLA, PyTorch, ratio, train jaxcnn, XLA, PyTorch, ratio: all measured numbers
