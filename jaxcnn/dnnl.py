@@ -667,9 +667,9 @@ def xla_faster(x, w, strides, padding) -> bool:
     116.5 / 133.6; 256->512 stride 2 to 4x4 24.9 / 19.1, 256->256 at 4x4 9.2 / 8.1; batch 32
     (a device's share of 128 on 4 devices): 512->512 at 4x4 12.6 / 8.1, 256->512 stride 2 7.0 / 4.4.
     Not with fewer channels (128->32 at 4x4: 0.8 / 1.9) nor in bf16 (oneDNN 2.7-3x faster)."""
-    out = [(x.shape[d] + sum(p) - w.shape[i]) // s + 1
-           for d, i, s, p in zip((1, 2), (0, 1), strides, onednn._pads(x.shape, w.shape, strides, padding, _NHWC))]
-    return (jnp.dtype(x.dtype) == jnp.float32 and all(o <= 5 for o in out)
+    out = onednn._abstract(x, w, strides=tuple(strides), pads=onednn._pads(x.shape, w.shape, strides, padding, _NHWC),
+                           dn=_NHWC).shape
+    return (jnp.dtype(x.dtype) == jnp.float32 and max(out[1:3]) <= 5
             and x.shape[3] >= 256 and w.shape[3] >= 256)
 
 
