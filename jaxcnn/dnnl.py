@@ -666,11 +666,10 @@ def xla_faster(x, w, strides, padding) -> bool:
     27.5 / 8.8, at 5x5 57.2 / 54.6, at 6x6 72.5 / 69.1 (kept on oneDNN: within noise), at 8x8
     116.5 / 133.6; 256->512 stride 2 to 4x4 24.9 / 19.1, 256->256 at 4x4 9.2 / 8.1; batch 32
     (a device's share of 128 on 4 devices): 512->512 at 4x4 12.6 / 8.1, 256->512 stride 2 7.0 / 4.4.
-    Not with fewer channels (128->32 at 4x4: 0.8 / 1.9) nor in bf16 (oneDNN 2.7-3x faster)."""
-    out = onednn._abstract(x, w, strides=tuple(strides), pads=onednn._pads(x.shape, w.shape, strides, padding, _NHWC),
-                           dn=_NHWC).shape
-    return (jnp.dtype(x.dtype) == jnp.float32 and max(out[1:3]) <= 5
-            and x.shape[3] >= 256 and w.shape[3] >= 256)
+    Not with fewer channels (128->32 at 4x4: 0.8 / 1.9) nor in bf16 (oneDNN 2.7-3x faster).
+    The forward convolutions' rule (jaxcnn.onednn.xla_faster), down to 1x1 px outputs: unlike
+    XLA's forward convolution at 2x2 (over 1 s), its weight gradient is fast there."""
+    return onednn.xla_faster(x, w, strides, padding, _NHWC, smallest=1)
 
 
 def weight_grad(x, g, w_shape, strides, padding, dtype):

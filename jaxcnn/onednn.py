@@ -226,13 +226,15 @@ def fused_conv(x, w, bias, strides, padding, dn, residual=None, relu=False):
     return _fused(x, w, bias.astype(jnp.float32), res, strides, pads, dn, bool(relu))
 
 
-def xla_faster(x, w, strides, padding, dn) -> bool:
-    """`_xla_faster` for a convolution given as `lax.conv_general_dilated`'s arguments."""
+def xla_faster(x, w, strides, padding, dn, smallest: int = 3) -> bool:
+    """`_xla_faster` for a convolution given as `lax.conv_general_dilated`'s arguments.
+    `smallest`: the smallest output side the rule covers (weight gradients: 1, see
+    jaxcnn.dnnl.xla_faster)."""
     out = _abstract(x, w, strides=tuple(strides), pads=_pads(x.shape, w.shape, strides, padding, dn), dn=dn)
-    return _xla_faster(x, w, out.shape, dn)
+    return _xla_faster(x, w, out.shape, dn, smallest)
 
 
-def _xla_faster(x, w, out_shape, dn) -> bool:
+def _xla_faster(x, w, out_shape, dn, smallest: int = 3) -> bool:
     """f32 convolutions with a 3x3 to 5x5 pixel output and >= 256 channels in and out, where
     XLA's own (Eigen: im2col + one large GEMM, then the bias, residual and ReLU as one
     elementwise pass: `_fused_reference`) beat oneDNN's direct kernel, whose work there is mostly
@@ -245,7 +247,7 @@ def _xla_faster(x, w, out_shape, dn) -> bool:
     faster there too (512->512 at 4x4: 39.6 / 26.3 ms): resnet18_cifar's fp32 training step at
     batch 128, against the same step with these on oneDNN, alternating, median of 10 steps:
     1,573 / 1,510, 1,539 / 1,468, 1,518 / 1,450, 1,530 / 1,455 ms."""
-    return (jnp.dtype(x.dtype) == jnp.float32 and all(3 <= out_shape[d] <= 5 for d in dn.out_spec[2:])
+    return (jnp.dtype(x.dtype) == jnp.float32 and all(smallest <= out_shape[d] <= 5 for d in dn.out_spec[2:])
             and x.shape[dn.lhs_spec[1]] >= 256 and w.shape[dn.rhs_spec[0]] >= 256)
 
 
