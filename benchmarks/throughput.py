@@ -16,8 +16,10 @@ before the inference ones (as a training loop runs); each figure is the median o
 `--alternate` makes the processes take turns instead, one round each, which cancels slow drifts
 of a noisy machine but skewed the figures on the project's VM (see _run_sides).
 Peak memory is measured in two more subprocesses, one per framework running only its training
-step (host peak RSS on a CPU; peak device memory on a GPU). Speed targets live here, never in the
-unit tests.
+step (host peak RSS on a CPU; peak device memory on a GPU). The arithmetic-rate table turns
+the images/s into GFLOP/s (the model's flops per image from XLA's cost analysis, `_model_gflop`)
+next to a large matrix multiply's rate in each framework (`worker_gemm`), to show how close to
+the CPU's limit a figure is. Speed targets live here, never in the unit tests.
 """
 from __future__ import annotations
 
@@ -99,6 +101,41 @@ def _jax_steps(name: str, batch: int, precision: str, num_classes: int = 10, pla
     return train_n, infer_n, compile_s, xla_bytes
 
 
+def _model_gflop(name: str, batch: int, num_classes: int = 10) -> Dict:
+    """The model's arithmetic per image, GFLOP, as XLA's cost analysis counts it in the plain Flax
+    graph (jaxcnn.ops off, dense blocks stored rather than recomputed, lowered, not compiled):
+    the eval step's forward pass and the whole train step (forward, backward, AdamW). Convolutions
+    count 2 flops per multiply-add over the taps that fall inside the image (padding excluded), so
+    resnet18_cifar's forward is 0.97 GFLOP, not the 1.11 of the usual 0.56 GMAC. jaxcnn's own
+    kernels do the same multiply-adds or fewer (DenseNet transitions pool before their 1x1
+    convolution), so a rate from this count is the model's work over the step's time."""
+    import jax
+    import jax.numpy as jnp
+    import jaxcnn
+    from jaxcnn import ops
+    from jaxcnn.train import TrainConfig
+    from jaxcnn.train.optim import make_optimizer
+    from jaxcnn.train.state import create_train_state
+    from jaxcnn.train.step import make_eval_step, make_train_step
+
+    size = jaxcnn.model_info(name).image_size
+    fields = getattr(jaxcnn.create_model(name), "__dataclass_fields__", {})
+    model = jaxcnn.create_model(name, num_classes=num_classes, **(dict(remat=False) if "remat" in fields else {}))
+    tx, _ = make_optimizer(TrainConfig(optimizer="adamw"), 100)
+    state = jax.eval_shape(lambda: create_train_state(model, tx, image_size=size, seed=0))
+    data = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
+            "label": jax.ShapeDtypeStruct((batch,), jnp.int32), "mask": jax.ShapeDtypeStruct((batch,), bool)}
+    stats = dict(num_classes=num_classes, mean=(120.0,) * 3, std=(64.0,) * 3)
+    out = {}
+    with ops.enabled(False):
+        for key, step in (("train_gflop", make_train_step(augment=None, **stats)), ("infer_gflop", make_eval_step(**stats))):
+            cost = step.lower(state, data).cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            if cost and cost.get("flops"):
+                out[key] = cost["flops"] / batch / 1e9
+    return out
+
+
 def _torch_steps(name: str, batch: int, precision: str, num_classes: int = 10, compiled: bool = False):
     import contextlib
     import torch
@@ -157,6 +194,7 @@ def _side_steps(a):
     if a.framework == "jax":
         train, infer, compile_s, xla_bytes = _jax_steps(a.model, a.batch, a.precision)
         fns, info = {"jax_train": train, "jax_infer": infer}, dict(compile_s=compile_s, xla_step_bytes=xla_bytes)
+        info.update(_model_gflop(a.model, a.batch))
         if a.plain_ops:
             fns["jax_plain_train"] = _jax_steps(a.model, a.batch, a.precision, plain_ops=True)[0]
         return fns, info
@@ -272,6 +310,35 @@ def worker_devices(a) -> Dict:
 
     run(1)
     return dict(devices=a.devices, train_img_s=_median_rate(run, a.steps, a.batch, a.rounds))
+
+
+def worker_gemm(a) -> Dict:
+    """This CPU's dense matrix-multiply rate, GFLOP/s, in one framework: a reference point for the
+    models' rates (oneDNN's best direct convolutions ran up to ~20% above it in f32 on the 2-core
+    Xeon). The median of --rounds timings of a 4096 x 4096 x 4096 product on random data (zeros
+    multiply faster on this CPU), f32 and bf16 operands (bf16 accumulated in f32)."""
+    n, rng = 4096, np.random.default_rng(0)
+    a_np, b_np = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    out = {}
+    if a.framework == "jax":
+        import jax
+        import jax.numpy as jnp
+        from jaxcnn import _xla
+        for prec, dt in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
+            x, y = jnp.asarray(a_np, dt), jnp.asarray(b_np, dt)
+            f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32),
+                        compiler_options=_xla.eval_compiler_options())
+            run = lambda k: [f(x, y).block_until_ready() for _ in range(k)]
+            run(1)
+            out[prec] = _median_rate(run, 2, 2 * n ** 3 / 1e9, a.rounds)
+    else:
+        import torch
+        for prec, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            x, y = torch.from_numpy(a_np).to(dt), torch.from_numpy(b_np).to(dt)
+            run = lambda k: [torch.mm(x, y) for _ in range(k)]
+            run(1)
+            out[prec] = _median_rate(run, 2, 2 * n ** 3 / 1e9, a.rounds)
+    return out
 
 
 def _device_rows(a, common: List[str]) -> List[Dict]:
@@ -485,7 +552,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="1 round, 1 step, first model only")
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
     # worker-only arguments
-    ap.add_argument("--worker", choices=["side", "memory", "devices", "pipeline"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["side", "memory", "devices", "pipeline", "gemm"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--precision", help=argparse.SUPPRESS)
@@ -498,7 +565,7 @@ def main(argv=None):
         if a.worker == "devices":
             a.devices = a.ndev
         res = {"side": worker_side, "memory": worker_memory, "devices": worker_devices,
-               "pipeline": worker_pipeline}[a.worker](a)
+               "pipeline": worker_pipeline, "gemm": worker_gemm}[a.worker](a)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
 
@@ -543,15 +610,17 @@ def main(argv=None):
                                  xla_mb=xla / 2**20 if xla else None,
                                  kind=next(iter(mem.values())).get("kind", "")))
             print("    memory", mem, flush=True)
+    gemm = {fw: _run_worker(["gemm", "--framework", fw] + common)
+            for fw in (["jax"] if a.skip_torch else ["jax", "torch"])}
     dev_rows = _device_rows(a, common)
     pipe = _run_worker(["pipeline", "--data-dir", a.data_dir] + common) if a.data_dir else {}
     env = dict(machine(), load=f"{load_start} at start, {_loadavg()} at end")
-    write_report(a.out, command, env, rows, mem_rows, dev_rows, pipe, a.min_round_s)
+    write_report(a.out, command, env, rows, mem_rows, dev_rows, pipe, a.min_round_s, gemm)
     print(f"wrote {a.out}")
     return 0
 
 
-def write_report(path, command, env, rows, mem_rows, dev_rows, pipe, min_round_s=0.0):
+def write_report(path, command, env, rows, mem_rows, dev_rows, pipe, min_round_s=0.0, gemm=None):
     from jaxcnn import _xla
     L = ["# jaxcnn vs PyTorch: measured throughput", "",
          f"Command: `{command}`  ", f"Commit: {env.get('commit')}  ",
@@ -606,6 +675,7 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe, min_round_s
         errs = [f"{r['model']} b{r['batch']} {r['precision']}: {r[fw + '_error']}" for r in rows if r.get(fw + "_error")]
         if errs:
             L += ["", f"{what} failed for: " + "; ".join(errs)]
+    L += _rate_table(rows, gemm or {})
     if mem_rows:
         L += ["", "Peak memory of a training step (fp32; one framework per process; host RSS includes each "
               "framework's own runtime and, for jaxcnn, XLA's compiler). Dense blocks recompute their layers in "
@@ -635,6 +705,30 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe, min_round_s
         L += ["", f"Input pipeline: error {pipe['error']}"]
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
+
+
+def _rate_table(rows, gemm) -> List[str]:
+    """Arithmetic rate: each measured figure times the model's GFLOP per image (_model_gflop)."""
+    rated = [r for r in rows if r.get("infer_gflop")]
+    if not rated:
+        return []
+    mm = "; ".join(f"{what} {', '.join(f'{p} {fmt(v)}' for p, v in g.items() if p in ('fp32', 'bf16'))}"
+                   for what, g in (("XLA (jnp.dot)", gemm.get("jax", {})), ("PyTorch (torch.mm)", gemm.get("torch", {})))
+                   if any(p in g for p in ("fp32", "bf16")))
+    L = ["", "Arithmetic rate, GFLOP/s: images/s above x the model's GFLOP per image, counted by XLA's cost "
+         "analysis in the plain Flax graph (jaxcnn.ops off, no recompute; convolution taps on padding not "
+         "counted; training: forward, backward and AdamW). The same count for both frameworks, so the ratios "
+         "are those above; the rates say how much of the CPU's arithmetic each framework uses. "
+         + (f"Reference, a 4096^3 matrix multiply on random data in this run: {mm} GFLOP/s." if mm else ""), "",
+         "| model | batch | prec. | GFLOP/img train | GFLOP/img infer | train jaxcnn | train PyTorch eager "
+         "| infer jaxcnn | infer PyTorch eager |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rated:
+        g, t, i = r.get, r.get("train_gflop"), r.get("infer_gflop")
+        rate = lambda v, f: fmt(v * f) if (v and f) else "—"
+        L.append(f"| {r['model']} | {r['batch']} | {r['precision']} | {fmt(t, 3) if t else '—'} | {fmt(i, 3)} | "
+                 f"{rate(g('jax_train'), t)} | {rate(g('torch_train'), t)} | {rate(g('jax_infer'), i)} | "
+                 f"{rate(g('torch_infer'), i)} |")
+    return L
 
 
 if __name__ == "__main__":

@@ -24,6 +24,17 @@ def test_benchmark_writes_a_row_with_both_frameworks(tmp_path):
     assert all(number.match(c) for c in (cells[5], cells[6], cells[7])), cells
     assert cells[8] == "—" and re.match(r"^\d+\.\d\d$", cells[9]), cells
     assert "failed" not in text
+    # Arithmetic rate: the model's GFLOP per image (XLA's count: train ~3x the forward pass) times
+    # the images/s of the table above, for both frameworks; and the GEMM reference was measured.
+    rate = next(l for l in text.splitlines() if l.startswith("| simple_cnn | 8 | fp32 |"))
+    rc = [c.strip() for c in rate.strip("|").split("|")]
+    train_g, infer_g = float(rc[3]), float(rc[4])
+    assert 0.01 < infer_g < 0.03 and 2 < train_g / infer_g < 4, rc
+    for got, img_s, g in ((rc[5], cells[5], train_g), (rc[6], cells[7], train_g), (rc[7], cells[11], infer_g),
+                          (rc[8], cells[12], infer_g)):
+        want = float(img_s.replace(",", "")) * g  # GFLOP/img rounded to 3 decimals in the table
+        assert abs(float(got.replace(",", "")) - want) <= 1 + 0.03 * want, (rc, cells)
+    assert re.search(r"XLA \(jnp.dot\) fp32 [\d,]+, bf16 [\d,]+; PyTorch \(torch.mm\) fp32 [\d,]+", text), text
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     import jaxcnn
     if head.returncode == 0 and os.path.dirname(os.path.dirname(os.path.abspath(jaxcnn.__file__))) == ROOT:
