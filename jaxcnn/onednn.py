@@ -2,7 +2,7 @@
 
 XLA:CPU computes a convolution as Eigen's im2col packing plus a GEMM: a 3x3 64->64 conv at
 32x32, batch 128, packs 302 MB of patches into freshly mapped memory on every call, and the
-packing and page zeroing were ~20% of a ResNet-18 training step (README, "Where the time goes").
+packing and page zeroing were ~20% of a ResNet-18 training step (perf and strace, README of 786d799).
 PyTorch runs the same convolution with oneDNN's direct kernels, which need no patch buffer.
 jaxlib 0.10 ships those kernels too, with a runtime thunk for an XLA custom call
 `__onednn$convolution`; XLA's own rewriter only emits that call in builds with
