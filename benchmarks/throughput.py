@@ -43,16 +43,27 @@ def default_batches(image_size: int) -> List[int]:
 
 
 # ----------------------------------------------------------------------------- workers
+def _adamw_and_batch(batch: int, size: int, num_classes: int = 10):
+    """What every jaxcnn worker steps with: AdamW (its hyperparameters do not change its cost),
+    one fixed random uint8 batch (numpy), and the steps' class count and input normalisation."""
+    from jaxcnn.train import TrainConfig
+    from jaxcnn.train.optim import make_optimizer
+
+    tx, _ = make_optimizer(TrainConfig(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4), 100)
+    rng = np.random.default_rng(0)
+    data = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+            "label": rng.integers(0, num_classes, (batch,), dtype=np.int32),
+            "mask": np.ones((batch,), bool)}
+    return tx, data, dict(num_classes=num_classes, mean=(120.0,) * 3, std=(64.0,) * 3)
+
+
 def _jax_steps(name: str, batch: int, precision: str, num_classes: int = 10, plain_ops: bool = False,
                remat: Optional[bool] = None):
     """jaxcnn's train/eval steps. `plain_ops`: trace with jaxcnn.ops switched off (plain Flax/XLA
     layers), to show what the library's CPU kernels change. `remat`: the dense-block field (None:
     the model's default, which recomputes on the CPU)."""
     import jax
-    import jax.numpy as jnp
     import jaxcnn
-    from jaxcnn.train import TrainConfig
-    from jaxcnn.train.optim import make_optimizer
     from jaxcnn.train.precision import compute_dtype
     from jaxcnn.train.state import create_train_state
     from jaxcnn.layers import recomputes
@@ -63,15 +74,10 @@ def _jax_steps(name: str, batch: int, precision: str, num_classes: int = 10, pla
     size = jaxcnn.model_info(name).image_size
     dtype = compute_dtype(precision)
     model = jaxcnn.create_model(name, num_classes=num_classes, dtype=dtype, **({} if remat is None else dict(remat=remat)))
-    tx, _ = make_optimizer(TrainConfig(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4), 100)
+    tx, batch_np, stats = _adamw_and_batch(batch, size, num_classes)
     state = jax.jit(lambda: create_train_state(model, tx, image_size=size, seed=0, precision=precision,
                                                dtype=dtype))()
-    rng = np.random.default_rng(0)
-    batch_np = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-                "label": rng.integers(0, num_classes, (batch,), dtype=np.int32),
-                "mask": np.ones((batch,), bool)}
     data = jax.device_put(batch_np)
-    stats = dict(num_classes=num_classes, mean=(120.0,) * 3, std=(64.0,) * 3)
     evaluate = make_eval_step(compute_dtype=dtype, **stats)
     t0 = time.perf_counter()
     with ops.enabled(not plain_ops):  # the switches are read while tracing
@@ -110,22 +116,16 @@ def _model_gflop(name: str, batch: int, num_classes: int = 10) -> Dict:
     kernels do the same multiply-adds or fewer (DenseNet transitions pool before their 1x1
     convolution), so a rate from this count is the model's work over the step's time."""
     import jax
-    import jax.numpy as jnp
     import jaxcnn
     from jaxcnn import ops
-    from jaxcnn.train import TrainConfig
-    from jaxcnn.train.optim import make_optimizer
     from jaxcnn.train.state import create_train_state
     from jaxcnn.train.step import make_eval_step, make_train_step
 
     size = jaxcnn.model_info(name).image_size
     fields = getattr(jaxcnn.create_model(name), "__dataclass_fields__", {})
     model = jaxcnn.create_model(name, num_classes=num_classes, **(dict(remat=False) if "remat" in fields else {}))
-    tx, _ = make_optimizer(TrainConfig(optimizer="adamw"), 100)
-    state = jax.eval_shape(lambda: create_train_state(model, tx, image_size=size, seed=0))
-    data = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
-            "label": jax.ShapeDtypeStruct((batch,), jnp.int32), "mask": jax.ShapeDtypeStruct((batch,), bool)}
-    stats = dict(num_classes=num_classes, mean=(120.0,) * 3, std=(64.0,) * 3)
+    tx, data, stats = _adamw_and_batch(batch, size, num_classes)
+    state = jax.eval_shape(lambda: create_train_state(model, tx, image_size=size, seed=0))  # shapes only
     out = {}
     with ops.enabled(False):
         for key, step in (("train_gflop", make_train_step(augment=None, **stats)), ("infer_gflop", make_eval_step(**stats))):
@@ -282,8 +282,6 @@ def worker_devices(a) -> Dict:
     """Same global batch on N simulated CPU devices (XLA_FLAGS set by the parent)."""
     import jax
     import jaxcnn
-    from jaxcnn.train import TrainConfig
-    from jaxcnn.train.optim import make_optimizer
     from jaxcnn.layers import recomputes
     from jaxcnn.train.state import create_train_state, data_sharded, make_mesh, replicated
     from jaxcnn.train.step import make_train_step
@@ -291,15 +289,11 @@ def worker_devices(a) -> Dict:
     size = jaxcnn.model_info(a.model).image_size
     model = jaxcnn.create_model(a.model, num_classes=10)
     mesh = make_mesh(a.devices)
-    tx, _ = make_optimizer(TrainConfig(optimizer="adamw"), 100)
+    tx, batch_np, stats = _adamw_and_batch(a.batch, size)
     state = jax.jit(lambda: create_train_state(model, tx, image_size=size, seed=0),
                     out_shardings=replicated(mesh))()
-    rng = np.random.default_rng(0)
-    batch = jax.device_put({"image": rng.integers(0, 256, (a.batch, size, size, 3), dtype=np.uint8),
-                            "label": rng.integers(0, 10, (a.batch,), dtype=np.int32),
-                            "mask": np.ones((a.batch,), bool)}, data_sharded(mesh))
-    step = make_train_step(num_classes=10, mean=(120.0,) * 3, std=(64.0,) * 3, augment=None, mesh=mesh,
-                           recomputes=recomputes(model))
+    batch = jax.device_put(batch_np, data_sharded(mesh))
+    step = make_train_step(augment=None, mesh=mesh, recomputes=recomputes(model), **stats)
     box = {"s": state}
 
     def run(n):
@@ -319,25 +313,25 @@ def worker_gemm(a) -> Dict:
     multiply faster on this CPU), f32 and bf16 operands (bf16 accumulated in f32)."""
     n, rng = 4096, np.random.default_rng(0)
     a_np, b_np = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
-    out = {}
     if a.framework == "jax":
         import jax
         import jax.numpy as jnp
         from jaxcnn import _xla
-        for prec, dt in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
-            x, y = jnp.asarray(a_np, dt), jnp.asarray(b_np, dt)
-            f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32),
-                        compiler_options=_xla.eval_compiler_options())
-            run = lambda k: [f(x, y).block_until_ready() for _ in range(k)]
-            run(1)
-            out[prec] = _median_rate(run, 2, 2 * n ** 3 / 1e9, a.rounds)
+        dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32),
+                      compiler_options=_xla.eval_compiler_options())
+        dtypes = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+        operand, product = jnp.asarray, lambda x, y: dot(x, y).block_until_ready()
     else:
         import torch
-        for prec, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            x, y = torch.from_numpy(a_np).to(dt), torch.from_numpy(b_np).to(dt)
-            run = lambda k: [torch.mm(x, y) for _ in range(k)]
-            run(1)
-            out[prec] = _median_rate(run, 2, 2 * n ** 3 / 1e9, a.rounds)
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        operand, product = lambda v, dt: torch.from_numpy(v).to(dt), torch.mm
+    out = {}
+    for prec, dt in dtypes.items():
+        x, y = operand(a_np, dt), operand(b_np, dt)
+        run = lambda k: [product(x, y) for _ in range(k)]
+        run(1)
+        # _median_rate's "batch" is the GFLOP of one product: it returns GFLOP/s
+        out[prec] = _median_rate(run, 2, 2 * n ** 3 / 1e9, a.rounds)
     return out
 
 
@@ -712,9 +706,9 @@ def _rate_table(rows, gemm) -> List[str]:
     rated = [r for r in rows if r.get("infer_gflop")]
     if not rated:
         return []
-    mm = "; ".join(f"{what} {', '.join(f'{p} {fmt(v)}' for p, v in g.items() if p in ('fp32', 'bf16'))}"
-                   for what, g in (("XLA (jnp.dot)", gemm.get("jax", {})), ("PyTorch (torch.mm)", gemm.get("torch", {})))
-                   if any(p in g for p in ("fp32", "bf16")))
+    names = {"jax": "XLA (jnp.dot)", "torch": "PyTorch (torch.mm)"}
+    mm = "; ".join(f"{names[fw]} fp32 {fmt(g['fp32'])}, bf16 {fmt(g['bf16'])}"
+                   for fw, g in gemm.items() if "error" not in g)
     L = ["", "Arithmetic rate, GFLOP/s: images/s above x the model's GFLOP per image, counted by XLA's cost "
          "analysis in the plain Flax graph (jaxcnn.ops off, no recompute; convolution taps on padding not "
          "counted; training: forward, backward and AdamW). The same count for both frameworks, so the ratios "
@@ -722,10 +716,10 @@ def _rate_table(rows, gemm) -> List[str]:
          + (f"Reference, a 4096^3 matrix multiply on random data in this run: {mm} GFLOP/s." if mm else ""), "",
          "| model | batch | prec. | GFLOP/img train | GFLOP/img infer | train jaxcnn | train PyTorch eager "
          "| infer jaxcnn | infer PyTorch eager |", "|---|---|---|---|---|---|---|---|---|"]
+    rate = lambda v, f: fmt(v * f) if (v and f) else "—"
     for r in rated:
         g, t, i = r.get, r.get("train_gflop"), r.get("infer_gflop")
-        rate = lambda v, f: fmt(v * f) if (v and f) else "—"
-        L.append(f"| {r['model']} | {r['batch']} | {r['precision']} | {fmt(t, 3) if t else '—'} | {fmt(i, 3)} | "
+        L.append(f"| {r['model']} | {r['batch']} | {r['precision']} | {fmt(t, 3)} | {fmt(i, 3)} | "
                  f"{rate(g('jax_train'), t)} | {rate(g('torch_train'), t)} | {rate(g('jax_infer'), i)} | "
                  f"{rate(g('torch_infer'), i)} |")
     return L
