@@ -227,6 +227,32 @@ def test_inference_folds_batchnorm_into_fused_convolutions(name, fused, adds, ma
     np.testing.assert_allclose(got_g, want_g, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fold_batchnorm_once_for_many_batches(dtype, make_variables):
+    """layers.fold_batchnorm: one folded kernel and bias per fused conv-BN unit, the same logits
+    as folding in every call, and the step with them does no folding (it uses the stored kernels:
+    changing them changes the output)."""
+    from jaxcnn.layers import FOLDED, fold_batchnorm
+    model = jaxcnn.create_model("resnet18_cifar", num_classes=10, stage_sizes=(1, 1, 1, 1), width=8, dtype=dtype)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 32, 32, 3)), dtype)
+    v = make_variables(model, x.shape)
+    folded = jax.jit(lambda v: fold_batchnorm(model.apply, v, x.shape[1:], dtype))(v)
+    assert set(folded) == {"params", "batch_stats", FOLDED}
+    # the stem, 2 convs per block, and the 3 projection shortcuts
+    kernels = [k for k in jax.tree_util.tree_leaves_with_path(folded[FOLDED]) if "kernel" in str(k[0])]
+    assert len(kernels) == 1 + 2 * 4 + 3 and all(a.dtype == dtype for _, a in kernels)
+    fwd = jax.jit(lambda v, x: model.apply(v, x))
+    np.testing.assert_array_equal(np.asarray(fwd(folded, x), np.float32), np.asarray(fwd(v, x), np.float32))
+    plain_ops = fwd.lower(v, x).compile().cost_analysis()
+    folded_ops = fwd.lower(folded, x).compile().cost_analysis()
+    plain_ops, folded_ops = (c[0] if isinstance(c, list) else c for c in (plain_ops, folded_ops))
+    assert folded_ops["bytes accessed"] < plain_ops["bytes accessed"]  # no kernel re-read and re-written
+    zeroed = {**folded, FOLDED: jax.tree.map(jnp.zeros_like, folded[FOLDED])}
+    assert not np.allclose(np.asarray(fwd(zeroed, x), np.float32), np.asarray(fwd(v, x), np.float32))
+    with ops.switched(FOLD_BN=False):  # nothing folds: nothing stored
+        assert jax.tree.leaves(fold_batchnorm(model.apply, v, x.shape[1:], dtype)[FOLDED]) == []
+
+
 @pytest.mark.parametrize("dtype,hw,channels,on_onednn", [(jnp.float32, 4, 256, False), (jnp.float32, 8, 256, True),
                                                           (jnp.float32, 4, 128, True), (jnp.bfloat16, 4, 256, True)])
 def test_inference_small_f32_images_take_xla_convolution(dtype, hw, channels, on_onednn):

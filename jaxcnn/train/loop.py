@@ -22,7 +22,7 @@ from jaxcnn.train.precision import compute_dtype
 from jaxcnn.train.recipes import describe
 from jaxcnn.train.state import (TrainState, create_train_state, data_sharded, make_mesh, param_count,
                                 replicated)
-from jaxcnn.train.step import TraceCounter, make_eval_step, make_train_step, normalization
+from jaxcnn.train.step import TraceCounter, make_eval_step, make_fold_step, make_train_step, normalization
 
 # fp16: this many skipped (non-finite) steps in a row means the loss scale cannot recover.
 MAX_CONSECUTIVE_SKIPS = 25
@@ -49,6 +49,7 @@ class Run:
     image_size: int
     train_step: Any
     eval_step: Any
+    fold_step: Any
     counter: TraceCounter
 
 
@@ -111,8 +112,9 @@ def build(config: TrainConfig, data, *, init: bool = True) -> Run:
     eval_step = make_eval_step(num_classes=num_classes, mean=mean, std=std,
                                label_smoothing=config.label_smoothing, use_ema=config.ema_decay > 0,
                                tta_flip=config.tta_flip, compute_dtype=dtype, mesh=mesh, counter=counter)
+    fold_step = make_fold_step(use_ema=config.ema_decay > 0, compute_dtype=dtype)
     return Run(config, data, mesh, model, state, abstract, schedule, steps, mean, std, image_size,
-               train_step, eval_step, counter)
+               train_step, eval_step, fold_step, counter)
 
 
 # ----------------------------------------------------------------------------- epochs
@@ -123,8 +125,11 @@ def evaluate_dataset(run: Run, state: TrainState, ds) -> Dict[str, Any]:
     sharding = data_sharded(run.mesh)
     loss = correct = count = 0.0
     preds: List[np.ndarray] = []
+    folded = None
     for batch in prefetch(shard_batch(b, sharding) for b in loader.epoch(0)):
-        m = jax.device_get(run.eval_step(state, batch))
+        if folded is None:  # BatchNorm folded into the convolutions once, not in every batch
+            folded = run.fold_step(state, image_shape=tuple(batch["image"].shape[1:]))
+        m = jax.device_get(run.eval_step(state, batch, folded))
         mask = np.asarray(batch["mask"])
         loss += float(m["loss_sum"]); correct += float(m["correct"]); count += float(m["count"])
         preds.append(np.asarray(m["pred"])[mask])

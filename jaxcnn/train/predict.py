@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcnn._xla import eval_compiler_options
+from jaxcnn.layers import fold_batchnorm
 from jaxcnn.train.checkpoint import open_for_reading
 from jaxcnn.train.config import TrainConfig
 from jaxcnn.train.optim import make_optimizer
@@ -44,7 +45,10 @@ class Predictor:
         finally:
             store.close()
         params = state.ema_params if state.ema_params is not None else state.params
-        self.variables = {"params": params, "batch_stats": state.batch_stats}
+        # the conv-BN units' folded weights, computed once here rather than in every batch
+        shape = (self.image_size, self.image_size, 3)
+        self.variables = jax.jit(lambda v: fold_batchnorm(model.apply, v, shape, dtype))(
+            {"params": params, "batch_stats": state.batch_stats})
         self.batch_size = batch_size
         mean, std, n = tuple(data["mean"]), tuple(data["std"]), len(self.class_names)
 

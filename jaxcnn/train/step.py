@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcnn._xla import eval_compiler_options, train_compiler_options
+from jaxcnn.layers import FOLDED, fold_batchnorm
 from jaxcnn.train.optim import cross_entropy, smooth_labels
 from jaxcnn.train.precision import all_finite
 from jaxcnn.train.state import TrainState, data_sharded, replicated
@@ -141,18 +142,21 @@ def make_eval_step(*, num_classes: int, mean: Sequence[float], std: Sequence[flo
                    label_smoothing: float = 0.0, use_ema: bool = False, tta_flip: bool = False,
                    compute_dtype=jnp.float32,
                    mesh=None, counter: Optional[TraceCounter] = None):
-    """Returns `eval_step(state, batch) -> metrics`: summed loss and correct over the examples with
-    mask=True (padding is ignored), their count, and the per-example predictions [B]."""
+    """Returns `eval_step(state, batch, folded=None) -> metrics`: summed loss and correct over the
+    examples with mask=True (padding is ignored), their count, and the per-example predictions
+    [B]. `folded`: `make_fold_step`'s output for this state, to run the conv-BN units on weights
+    folded once per evaluation instead of once per batch."""
     from jaxcnn.data import preprocess
 
-    def eval_step(state: TrainState, batch):
+    def eval_step(state: TrainState, batch, folded=None):
         if counter is not None:
             counter.hit("eval_step")
         images, soft = preprocess(jax.random.PRNGKey(0), batch["image"], batch["label"],
                                   num_classes=num_classes, mean=mean, std=std, augment=None,
                                   dtype=compute_dtype)
-        params = state.ema_params if use_ema else state.params
-        variables = {"params": params, "batch_stats": state.batch_stats}
+        variables = _eval_variables(state, use_ema)
+        if folded:
+            variables[FOLDED] = folded
         logits = state.apply_fn(variables, images, train=False)
         if tta_flip:  # mirror images are as likely as the originals; sum both views' logits
             logits = logits + state.apply_fn(variables, images[:, :, ::-1], train=False)
@@ -165,8 +169,25 @@ def make_eval_step(*, num_classes: int, mean: Sequence[float], std: Sequence[flo
     opts = eval_compiler_options()
     if mesh is None:
         return jax.jit(eval_step, compiler_options=opts)
-    return jax.jit(eval_step, in_shardings=(replicated(mesh), data_sharded(mesh)),
+    return jax.jit(eval_step, in_shardings=(replicated(mesh), data_sharded(mesh), replicated(mesh)),
                    out_shardings=replicated(mesh), compiler_options=opts)
+
+
+def _eval_variables(state: TrainState, use_ema: bool) -> Dict:
+    return {"params": state.ema_params if use_ema else state.params, "batch_stats": state.batch_stats}
+
+
+def make_fold_step(*, use_ema: bool = False, compute_dtype=jnp.float32):
+    """Returns `fold(state, image_shape) -> folded`, for `eval_step(state, batch, folded)`: the
+    kernels and biases of the conv-BN units with their BatchNorm folded in
+    (`jaxcnn.layers.fold_batchnorm`), computed once per evaluation. `image_shape`: one
+    preprocessed image's (H, W, C). Empty (and the step unchanged) where nothing folds: several
+    devices, other platforms."""
+    def fold(state: TrainState, image_shape):
+        v = fold_batchnorm(state.apply_fn, _eval_variables(state, use_ema), image_shape, compute_dtype)
+        return v[FOLDED]
+
+    return jax.jit(fold, static_argnames="image_shape")
 
 
 def normalization(normalize: str, data_mean, data_std):
