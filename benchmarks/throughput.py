@@ -38,8 +38,30 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODELS = ["simple_cnn", "resnet18_cifar", "densenet_bc_100_12", "resdensenet_cifar", "resdensenet"]
 
 
-def default_batches(image_size: int) -> List[int]:
+def default_batches(image_size: int, gpu: bool = False) -> List[int]:
+    """Two batch sizes per model: the CPU's [32, 128] (224 px: [8, 32]); on a GPU, where those
+    leave most of the chip idle, [128, 512] (224 px: [32, 128])."""
+    if gpu:
+        return [128, 512] if image_size <= 64 else [32, 128]
     return [32, 128] if image_size <= 64 else [8, 32]
+
+
+def _gpu_present() -> bool:
+    """Whether JAX's default backend is a GPU (the parent asks once; its workers inherit the
+    answer through the arguments it gives them)."""
+    import jax
+    return jax.default_backend() == "gpu"
+
+
+def _device_peak_mb(framework: str) -> Optional[float]:
+    """Peak device memory of this process so far, MB (None on a CPU)."""
+    if framework == "jax":
+        import jax
+        dev = jax.devices()[0]
+        stats = dev.memory_stats() if dev.platform != "cpu" else None
+        return stats.get("peak_bytes_in_use", 0) / 2**20 if stats else None
+    import torch
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
 # ----------------------------------------------------------------------------- workers
@@ -129,7 +151,10 @@ def _model_gflop(name: str, batch: int, num_classes: int = 10) -> Dict:
     out = {}
     with ops.enabled(False):
         for key, step in (("train_gflop", make_train_step(augment=None, **stats)), ("infer_gflop", make_eval_step(**stats))):
-            cost = step.lower(state, data).cost_analysis()
+            try:
+                cost = step.lower(state, data).cost_analysis()
+            except Exception:  # a backend without an HLO cost model: no rate table
+                continue
             cost = cost[0] if isinstance(cost, list) else cost
             if cost and cost.get("flops"):
                 out[key] = cost["flops"] / batch / 1e9
@@ -147,6 +172,8 @@ def _torch_steps(name: str, batch: int, precision: str, num_classes: int = 10, c
     dev = torch.device("cuda" if cuda else "cpu")
     if not cuda:
         torch.set_num_threads(os.cpu_count() or 1)
+    else:  # fixed shapes: let cuDNN pick its fastest algorithms, as a tuned PyTorch script does
+        torch.backends.cudnn.benchmark = True
     size = jaxcnn.model_info(name).image_size
     model = torch_model(name, num_classes).to(dev).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=1e-4)
@@ -230,6 +257,9 @@ def worker_side(a) -> Dict:
             f(1)
         if a.framework == "torchc":  # inductor compiles here (it needs a C++ compiler)
             out["torch_compile_s"] = time.perf_counter() - t0
+        peak = _device_peak_mb("jax" if a.framework == "jax" else "torch")
+        if peak is not None:  # a GPU: this process's peak over one train and one eval step
+            out[f"{a.framework}_peak_mb"] = peak
     except Exception as e:  # e.g. torch.compile without a C++ compiler: report, don't die
         return {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"}
     by_phase = {_phase(k): k for k in fns}
@@ -311,7 +341,7 @@ def worker_gemm(a) -> Dict:
     models' rates (oneDNN's best direct convolutions ran up to ~20% above it in f32 on the 2-core
     Xeon). The median of --rounds timings of a 4096 x 4096 x 4096 product on random data (zeros
     multiply faster on this CPU), f32 and bf16 operands (bf16 accumulated in f32)."""
-    n, rng = 4096, np.random.default_rng(0)
+    n, rng = (8192 if a.gpu else 4096), np.random.default_rng(0)
     a_np, b_np = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
     if a.framework == "jax":
         import jax
@@ -324,14 +354,18 @@ def worker_gemm(a) -> Dict:
     else:
         import torch
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-        operand, product = lambda v, dt: torch.from_numpy(v).to(dt), torch.mm
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+        operand = lambda v, dt: torch.from_numpy(v).to(dev, dt)
+        product = lambda x, y: (torch.mm(x, y), sync())
     out = {}
     for prec, dt in dtypes.items():
         x, y = operand(a_np, dt), operand(b_np, dt)
         run = lambda k: [product(x, y) for _ in range(k)]
         run(1)
         # _median_rate's "batch" is the GFLOP of one product: it returns GFLOP/s
-        out[prec] = _median_rate(run, 2, 2 * n ** 3 / 1e9, a.rounds)
+        k = 20 if a.gpu else 2  # products per timed round: a GPU's take ~1 ms each
+        out[prec] = _median_rate(run, k, 2 * n ** 3 / 1e9, a.rounds)
     return out
 
 
@@ -401,19 +435,29 @@ def _run_worker(args: List[str], env=None, script: str = __file__) -> Dict:
     return _result(p.stdout if p.returncode == 0 else "", p.stderr)
 
 
-def _start_side(args: List[str]):
-    """A warmed-up `--worker side` process: (process, stderr file, the phases it times), or
-    (None, its result, None) if it stopped before READY."""
+def _launch_side(args: List[str]):
+    """Start a `--worker side` process (it compiles and warms up on its own): (process, stderr file)."""
     import tempfile
     err = tempfile.TemporaryFile(mode="w+")  # a pipe could fill up with warnings and block
     p = subprocess.Popen(_worker_cmd(["side", *args]), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=err, text=True)
+    return p, err
+
+
+def _await_side(p, err):
+    """Wait for a launched side's READY: (process, stderr file, the phases it times), or
+    (None, its result, None) if it stopped before READY."""
     line = p.stdout.readline()
     while line and not line.startswith(("READY", "RESULT ")):
         line = p.stdout.readline()
     if line.startswith("READY"):
         return p, err, line.split()[1:]
     return None, _finish(p, err, stdout=line), None
+
+
+def _start_side(args: List[str]):
+    """A warmed-up `--worker side` process (see _await_side)."""
+    return _await_side(*_launch_side(args))
 
 
 def _send(p, msg: str):
@@ -435,7 +479,7 @@ def _finish(p, err, stdout: str = "") -> Dict:
     return res
 
 
-def _run_sides(sides: List[List[str]], rounds: int, alternate: bool = False) -> Dict:
+def _run_sides(sides: List[List[str]], rounds: int, alternate: bool = False, ready=None) -> Dict:
     """One `--worker side` process per entry of `sides` (jaxcnn, PyTorch eager, PyTorch compiled).
 
     Default: one framework at a time, as a user runs it: start, warm up, `rounds` timed rounds back
@@ -445,7 +489,9 @@ def _run_sides(sides: List[List[str]], rounds: int, alternate: bool = False) -> 
     b128, jaxcnn 87 img/s alone and 59 alternating with PyTorch; PyTorch 76 alone and 100
     alternating (the PyTorch process, idle, used no CPU; the cause was not found). A failed side
     reports "<framework>_error" and the others go on. Within a side, every round of one phase
-    (train, plain-ops train, inference) runs before the next phase starts (see worker_side)."""
+    (train, plain-ops train, inference) runs before the next phase starts (see worker_side).
+    `ready`: the sides' processes, already started and warmed up (`_launch_side`, `_await_side`;
+    see `--prestart`), one per entry of `sides`: timed here as above."""
     out = {}
 
     def collect(fw, res):
@@ -463,9 +509,9 @@ def _run_sides(sides: List[List[str]], rounds: int, alternate: bool = False) -> 
             collect(fw, _finish(p, err))
 
     live = []
-    for args in sides:
+    for i, args in enumerate(sides):
         fw = args[args.index("--framework") + 1]
-        p, err, phases = _start_side(args)
+        p, err, phases = ready[i] if ready else _start_side(args)
         if p is None:
             collect(fw, err)
             continue
@@ -485,6 +531,9 @@ def machine() -> Dict:
         env["torch"] = torch.__version__
         if torch.cuda.is_available():
             env["gpu"] = torch.cuda.get_device_name(0)
+            env["cuda"] = f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()} (PyTorch's)"
+            env["tf32"] = (f"PyTorch cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
+                           f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}")
     except ImportError:
         env["torch"] = None
     env["commit"] = _commit()
@@ -498,14 +547,23 @@ def _commit() -> str:
     import jaxcnn
     root = os.path.dirname(os.path.dirname(os.path.abspath(jaxcnn.__file__)))
     git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, timeout=30)
+    given = os.environ.get("JAXCNN_COMMIT")  # a copy of a checkout without .git (a lent GPU machine)
     try:
         head = git("rev-parse", "--short", "HEAD")
         if head.returncode != 0:
-            return "not a git checkout"
+            return f"{given} (a copy of that commit, as stated by JAXCNN_COMMIT)" if given else "not a git checkout"
         dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return "not a git checkout"
+        return f"{given} (a copy of that commit, as stated by JAXCNN_COMMIT)" if given else "not a git checkout"
     return head.stdout.strip() + (" with uncommitted changes" if dirty else "")
+
+
+def _gpu_memory_rows(rows) -> List[Dict]:
+    """On a GPU the side workers report their own peak device memory (one train and one eval step
+    after compilation): one row per case."""
+    return [dict(model=r["model"], batch=r["batch"], precision=r["precision"], jax=r.get("jax_peak_mb"),
+                 torch=r.get("torch_peak_mb"), kind="device") for r in rows
+            if r.get("jax_peak_mb") or r.get("torch_peak_mb")]
 
 
 def _loadavg() -> str:
@@ -544,6 +602,10 @@ def main(argv=None):
                     help="passes over the device counts (overheads are medians of same-pass ratios)")
     ap.add_argument("--data-dir", help="CIFAR-10 image folder for the input-pipeline figures")
     ap.add_argument("--quick", action="store_true", help="1 round, 1 step, first model only")
+    ap.add_argument("--prestart", type=int, default=0,
+                    help="start (compile, warm up) the processes of up to N cases side by side, then "
+                         "time them one at a time; default 1 on a CPU (compile times on a quiet machine), "
+                         "8 on a GPU (its host has the cores; compile s then overlap)")
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
     # worker-only arguments
     ap.add_argument("--worker", choices=["side", "memory", "devices", "pipeline", "gemm"], help=argparse.SUPPRESS)
@@ -553,6 +615,7 @@ def main(argv=None):
     ap.add_argument("--framework", help=argparse.SUPPRESS)
     ap.add_argument("--num-devices", dest="ndev", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--no-remat", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--gpu", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
     if a.worker:
@@ -569,27 +632,51 @@ def main(argv=None):
         ap.error(f"unknown model(s) {unknown}; choose from {', '.join(jaxcnn.list_models())}")
     if a.quick:
         a.rounds, a.steps, a.min_round_s, a.models, a.device_passes = 1, 1, 0.0, a.models[:1], 1
+    gpu = _gpu_present()
+    if gpu and a.devices:  # one GPU here: the simulated-CPU-devices table would not measure it
+        print("a GPU is present: skipping the simulated CPU devices (--devices)", flush=True)
+        a.devices = []
     command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     load_start = _loadavg()
     common = ["--rounds", str(a.rounds), "--steps", str(a.steps)]  # devices and pipeline workers
     rows, mem_rows = [], []
-    for name in a.models:
-        size = jaxcnn.model_info(name).image_size
-        batches = a.batch_sizes or default_batches(size)
-        for precision in a.precisions:
-            for b in batches:
-                print(f"[{time.strftime('%H:%M:%S')}] {name} {size}px batch {b} {precision} ...", flush=True)
-                fp32 = precision == "fp32"
-                frameworks = ["jax"] + ([] if a.skip_torch else ["torch"]) + \
-                    (["torchc"] if fp32 and a.torch_compile and not a.skip_torch else [])
-                r = _run_sides([["--framework", fw, "--model", name, "--batch", str(b), "--precision", precision,
-                                "--steps", str(a.steps), "--min-round-s", str(a.min_round_s)]
-                               + ([] if fp32 and a.plain_ops else ["--no-plain-ops"])
-                               for fw in frameworks], a.rounds, a.alternate)
-                rows.append(dict(model=name, size=size, batch=b, precision=precision, **r))
-                print("   ", r, flush=True)
-        if not a.no_memory:
-            b = max(batches)
+    env = dict(machine(), load=f"{load_start} at start")
+
+    def report(gemm=None, dev_rows=(), pipe=None):  # after every case: a cut-short run keeps its rows
+        write_report(a.out, command, dict(env, load=f"{load_start} at start, {_loadavg()} at end"), rows,
+                     mem_rows if not gpu else _gpu_memory_rows(rows), list(dev_rows), pipe or {},
+                     a.min_round_s, gemm)
+
+    cases = [(name, b, precision) for name in a.models for precision in a.precisions
+             for b in (a.batch_sizes or default_batches(jaxcnn.model_info(name).image_size, gpu))]
+    prestart = a.prestart or (8 if gpu else 1)
+    for i in range(0, len(cases), prestart):
+        chunk = []
+        for name, b, precision in cases[i:i + prestart]:
+            fp32 = precision == "fp32"
+            frameworks = ["jax"] + ([] if a.skip_torch else ["torch"]) + \
+                (["torchc"] if fp32 and a.torch_compile and not a.skip_torch else [])
+            sides = [["--framework", fw, "--model", name, "--batch", str(b), "--precision", precision,
+                      "--steps", str(a.steps), "--min-round-s", str(a.min_round_s)]
+                     + ([] if fp32 and a.plain_ops else ["--no-plain-ops"]) for fw in frameworks]
+            chunk.append((name, b, precision, sides))
+        ready = None
+        if prestart > 1:  # compile side by side; every side is READY (idle) before any is timed
+            print(f"[{time.strftime('%H:%M:%S')}] starting {sum(len(c[3]) for c in chunk)} processes "
+                  f"for {len(chunk)} cases", flush=True)
+            launched = [[_launch_side(args) for args in c[3]] for c in chunk]
+            ready = [[_await_side(*l) for l in ls] for ls in launched]
+        for j, (name, b, precision, sides) in enumerate(chunk):
+            size = jaxcnn.model_info(name).image_size
+            print(f"[{time.strftime('%H:%M:%S')}] {name} {size}px batch {b} {precision} ...", flush=True)
+            r = _run_sides(sides, a.rounds, a.alternate, ready=ready[j] if ready else None)
+            rows.append(dict(model=name, size=size, batch=b, precision=precision, **r))
+            print("   ", r, flush=True)
+            report()
+        for name in dict.fromkeys(c[0] for c in chunk):
+            if a.no_memory or gpu or any(c[0] == name for c in cases[i + prestart:]):
+                continue  # a model's memory runs follow its last case (on a GPU: from the sides)
+            b = max(a.batch_sizes or default_batches(jaxcnn.model_info(name).image_size))
             mem = {fw: _run_worker(["memory", "--framework", fw, "--model", name, "--batch", str(b),
                                     "--precision", "fp32"])
                    for fw in (["jax"] if a.skip_torch else ["jax", "torch"])}
@@ -604,12 +691,13 @@ def main(argv=None):
                                  xla_mb=xla / 2**20 if xla else None,
                                  kind=next(iter(mem.values())).get("kind", "")))
             print("    memory", mem, flush=True)
-    gemm = {fw: _run_worker(["gemm", "--framework", fw] + common)
+            report()
+    gemm = {fw: _run_worker(["gemm", "--framework", fw] + common + (["--gpu"] if gpu else []))
             for fw in (["jax"] if a.skip_torch else ["jax", "torch"])}
+    report(gemm)
     dev_rows = _device_rows(a, common)
     pipe = _run_worker(["pipeline", "--data-dir", a.data_dir] + common) if a.data_dir else {}
-    env = dict(machine(), load=f"{load_start} at start, {_loadavg()} at end")
-    write_report(a.out, command, env, rows, mem_rows, dev_rows, pipe, a.min_round_s, gemm)
+    report(gemm, dev_rows, pipe)
     print(f"wrote {a.out}")
     return 0
 
@@ -623,6 +711,10 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe, min_round_s
          + (f", GPU {env['gpu']}" if env.get("gpu") else ", no GPU") + f"; JAX platform {env.get('platform')}  ",
          f"Versions: jax {env.get('jax')}, jaxlib {env.get('jaxlib')}, flax {env.get('flax')}, "
          f"optax {env.get('optax')}, torch {env.get('torch')}, Python {env.get('python')}  ",
+         *([f"GPU: {env['gpu']}; {env.get('cuda')}; fp32 convolutions: {env.get('tf32')}; JAX's default "
+            "precision (XLA lets cuDNN use TF32 for f32 convolutions and dots); processes of several cases "
+            "compiled side by side (--prestart), so their compile s overlap; timed one at a time  "]
+           if env.get("gpu") else []),
          f"XLA_FLAGS (set by jaxcnn, see jaxcnn/_xla.py): `{os.environ.get('XLA_FLAGS', '')}`; per-jit "
          f"options: train step `{_xla.train_compiler_options()}` (none for models that recompute), "
          f"eval step `{_xla.eval_compiler_options()}`  ",
@@ -670,7 +762,15 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe, min_round_s
         if errs:
             L += ["", f"{what} failed for: " + "; ".join(errs)]
     L += _rate_table(rows, gemm or {})
-    if mem_rows:
+    if mem_rows and "precision" in mem_rows[0]:
+        L += ["", "Peak device memory (GPU), MB: each timed process's own peak over one training and one "
+              "inference step after compilation (jaxcnn: `peak_bytes_in_use` of XLA's allocator, "
+              "XLA_PYTHON_CLIENT_PREALLOCATE=false; PyTorch: `torch.cuda.max_memory_allocated`). Both hold "
+              "the weights, AdamW's state, the batch and the step's activations.", "",
+              "| model | batch | prec. | jaxcnn MB | PyTorch MB | jaxcnn / PyTorch |", "|---|---|---|---|---|---|"]
+        L += [f"| {m['model']} | {m['batch']} | {m['precision']} | {fmt(m.get('jax'))} | {fmt(m.get('torch'))} | "
+              f"{fmt(m['jax'] / m['torch'], 2) if m.get('jax') and m.get('torch') else '—'} |" for m in mem_rows]
+    elif mem_rows:
         L += ["", "Peak memory of a training step (fp32; one framework per process; host RSS includes each "
               "framework's own runtime and, for jaxcnn, XLA's compiler). Dense blocks recompute their layers in "
               "the backward pass by default on the CPU; \"remat=False\": the same model storing them. "
@@ -726,6 +826,9 @@ def _rate_table(rows, gemm) -> List[str]:
 
 
 if __name__ == "__main__":
+    # Several worker processes share one GPU: none may take most of its memory up front (JAX's
+    # default), and the device-memory figures are then what each step really used.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     # Both frameworks' workers inherit the huge-page tunable (jaxcnn/_malloc.py): PyTorch's
     # allocator gains from it as much as XLA's, so the ratios compare like with like.
     from jaxcnn import reexec_with_huge_pages

@@ -28,6 +28,13 @@ def _jaxlib_version() -> tuple:
         return (0, 0)
 
 
+def _knows_flags() -> bool:
+    """Whether this jaxlib is one the flags were measured with (0.10.x). Older ones do not know
+    them, and XLA aborts at start-up on an unknown flag in XLA_FLAGS; a newer one may have renamed
+    or dropped them, so it is left alone until checked (pyproject pins jax < 0.11)."""
+    return (0, 10) <= _jaxlib_version() < (0, 11)
+
+
 def _hands_off(flag: str = YNN_FLAG) -> bool:
     """True when jaxcnn must leave `flag` alone: opted out, or the user set it in XLA_FLAGS."""
     return bool(os.environ.get("JAXCNN_KEEP_XLA_FLAGS")) or \
@@ -39,7 +46,7 @@ def _cpu_option(flag: str, value: str) -> dict:
     jaxlib that knows the flag, and not left to the user (`_hands_off`); else {}."""
     import jax
 
-    if _hands_off(flag) or _jaxlib_version() < (0, 10) or jax.default_backend() != "cpu":
+    if _hands_off(flag) or not _knows_flags() or jax.default_backend() != "cpu":
         return {}
     return {flag: value}
 
@@ -49,8 +56,7 @@ def configure_xla_cpu() -> bool:
     flags = os.environ.get("XLA_FLAGS", "")
     if _hands_off() or NO_YNN_CONV in flags:
         return False
-    # Older jaxlibs do not know the flag, and XLA aborts on an unknown flag in XLA_FLAGS.
-    if _jaxlib_version() < (0, 10):
+    if not _knows_flags():
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {NO_YNN_CONV}".strip()
     return True

@@ -276,6 +276,11 @@ def test_library_sets_the_cpu_convolution_flag_once(monkeypatch):
     monkeypatch.setenv("JAXCNN_KEEP_XLA_FLAGS", "1")
     monkeypatch.setenv("XLA_FLAGS", "")
     assert not _xla.configure_xla_cpu()
+    monkeypatch.delenv("JAXCNN_KEEP_XLA_FLAGS")
+    for version, known in (((0, 9), False), ((0, 10), True), ((0, 11), False)):  # XLA aborts on unknown flags
+        monkeypatch.setattr(_xla, "_jaxlib_version", lambda: version)
+        monkeypatch.setenv("XLA_FLAGS", "")
+        assert _xla.configure_xla_cpu() == known, version
 
 
 def _ynn_convolutions(hlo: str) -> int:
