@@ -547,14 +547,16 @@ def _commit() -> str:
     import jaxcnn
     root = os.path.dirname(os.path.dirname(os.path.abspath(jaxcnn.__file__)))
     git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, timeout=30)
-    given = os.environ.get("JAXCNN_COMMIT")  # a copy of a checkout without .git (a lent GPU machine)
+    given = os.environ.get("JAXCNN_COMMIT")  # a copy of a checkout (a lent GPU machine) whose .git
+    if given:                                 # may be older than its files: the caller says which
+        return f"{given} (as stated by JAXCNN_COMMIT)"
     try:
         head = git("rev-parse", "--short", "HEAD")
         if head.returncode != 0:
-            return f"{given} (a copy of that commit, as stated by JAXCNN_COMMIT)" if given else "not a git checkout"
+            return "not a git checkout"
         dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return f"{given} (a copy of that commit, as stated by JAXCNN_COMMIT)" if given else "not a git checkout"
+        return "not a git checkout"
     return head.stdout.strip() + (" with uncommitted changes" if dirty else "")
 
 
