@@ -89,7 +89,7 @@ def _jax_steps(name: str, batch: int, precision: str, num_classes: int = 10, pla
     from jaxcnn.train.precision import compute_dtype
     from jaxcnn.train.state import create_train_state
     from jaxcnn.layers import recomputes
-    from jaxcnn.train.step import make_eval_step, make_train_step
+    from jaxcnn.train.step import make_eval_step, make_fold_step, make_train_step
 
     from jaxcnn import ops
 
@@ -101,6 +101,7 @@ def _jax_steps(name: str, batch: int, precision: str, num_classes: int = 10, pla
                                                dtype=dtype))()
     data = jax.device_put(batch_np)
     evaluate = make_eval_step(compute_dtype=dtype, **stats)
+    fold = make_fold_step(compute_dtype=dtype)
     t0 = time.perf_counter()
     with ops.enabled(not plain_ops):  # the switches are read while tracing
         train = make_train_step(augment=None, compute_dtype=dtype, recomputes=recomputes(model), **stats)
@@ -122,8 +123,11 @@ def _jax_steps(name: str, batch: int, precision: str, num_classes: int = 10, pla
         box["state"] = s
 
     def infer_n(n):  # compiled on first use (never in the memory runs), with jaxcnn.ops on
+        # As the training loop's evaluation and Predictor do: the conv-BN units' BatchNorm folded
+        # into their kernels once per pass over the data, here once per round (timed with it).
+        folded = fold(box["state"], image_shape=(size, size, 3))
         for _ in range(n):
-            out = evaluate(box["state"], data)
+            out = evaluate(box["state"], data, folded)
         jax.block_until_ready(out["pred"])
 
     return train_n, infer_n, compile_s, xla_bytes
@@ -738,6 +742,9 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe, min_round_s
          "`jaxcnn.ops` switched off (plain Flax/XLA convolution, max-pool and BatchNorm), in the jaxcnn "
          "process, to show what the library's CPU kernels change. A round is --steps steps (2x for "
          f"inference), or more if that takes less than {min_round_s:g} s (--min-round-s). "
+         "jaxcnn's inference is its eval step as its evaluation and `Predictor` run it: each conv-BN "
+         "unit's BatchNorm folded into the kernel once per pass over the data (`make_fold_step`), here "
+         "once per timed round, the fold included in the round's time. "
          "Images/s are medians over rounds; ratios "
          "are jaxcnn / PyTorch eager and jaxcnn / the faster of PyTorch eager and compiled.", "",
          "| model | px | batch | prec. | compile s | train jaxcnn | plain ops | PyTorch eager | PyTorch compiled "

@@ -10,12 +10,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_benchmark_writes_a_row_with_both_frameworks(tmp_path):
+    """--prestart 2: the sides are launched, all awaited READY, then timed (the GPU default path)."""
     out = tmp_path / "RESULTS.md"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--quick",
                         "--models", "simple_cnn", "--batch-sizes", "8", "--precisions", "fp32",
-                        "--no-torch-compile", "--no-memory", "--devices", "--out", str(out)],
+                        "--no-torch-compile", "--no-memory", "--devices", "--prestart", "2", "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
+    assert "starting 2 processes for 1 cases" in p.stdout, p.stdout
     text = out.read_text()
     row = next(l for l in text.splitlines() if l.startswith("| simple_cnn | 32 | 8 | fp32 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -105,3 +107,28 @@ def test_device_overhead_is_the_median_of_same_pass_ratios(monkeypatch, tmp_path
     out = tmp_path / "r.md"
     throughput.write_report(str(out), "cmd", {"cpu": "x"}, [], [], rows, {}, 1.0)
     assert "| 4 | 50.0 | 100% | 100%, 100%, 10% |" in out.read_text()
+
+
+def test_gpu_report_has_device_memory_and_gpu_batches(monkeypatch, tmp_path):
+    """On a GPU the sides' own peak device memory becomes a table (one row per case), batch sizes
+    default to the GPU's, and the commit can be stated by JAXCNN_COMMIT (a copy without a fitting
+    .git). Rows stood in: the GPU code paths run only on a lent machine."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import throughput
+    assert throughput.default_batches(32, gpu=True) == [128, 512]
+    assert throughput.default_batches(224, gpu=True) == [32, 128]
+    assert throughput.default_batches(32) == [32, 128]
+    rows = [dict(model="simple_cnn", size=32, batch=128, precision="bf16", jax_train=10.0, torch_train=5.0,
+                 jax_peak_mb=300.0, torch_peak_mb=400.0),
+            dict(model="simple_cnn", size=32, batch=512, precision="bf16", jax_train=20.0, torch_train=8.0)]
+    mem = throughput._gpu_memory_rows(rows)
+    assert mem == [dict(model="simple_cnn", batch=128, precision="bf16", jax=300.0, torch=400.0, kind="device")]
+    out = tmp_path / "r.md"
+    throughput.write_report(str(out), "cmd", {"cpu": "x", "gpu": "Some GPU", "cuda": "CUDA 1", "tf32": "t"},
+                            rows, mem, [], {}, 0.3)
+    text = out.read_text()
+    assert "| simple_cnn | 128 | bf16 | 300 | 400 | 0.75 |" in text, text
+    assert "| simple_cnn | 32 | 512 | bf16 |" in text and "| 2.50 |" in text
+    assert "GPU: Some GPU; CUDA 1" in text
+    monkeypatch.setenv("JAXCNN_COMMIT", "abc1234")
+    assert throughput._commit() == "abc1234 (as stated by JAXCNN_COMMIT)"
