@@ -9,7 +9,13 @@
 # Runs from the repository root with the image's own python3 and packages (jax, flax, optax,
 # orbax, torch: no install; jaxcnn from the tree through PYTHONPATH). TRAIN_S, BENCH_S: the
 # training and benchmark stages' limits in seconds (default 270 and 300); TRAIN_ARGS, BENCH_ARGS
-# (environment): the two commands' arguments.
+# (environment): the two commands' arguments; a limit of 0 skips that stage.
+#
+# What it took on an H200 (2026-12-04, benchmarks/RESULTS-gpu-h200.md): machine facts and smoke
+# 34 s; the seed001 run 112 s; the benchmark's first 10 cases (resnet18_cifar, simple_cnn,
+# resdensenet_cifar fp32) 160 s, ~100 s of it compiling side by side; densenet_bc_100_12 and
+# resdensenet compile for 1-3 min each. The whole default benchmark needs ~10 minutes: within a
+# 15-minute lease give it BENCH_S=540 and TRAIN_S=0, or split the models over two calls.
 set -u
 OUT=${OUT:-/tmp/jaxcnn-gpu-out}
 DATA_TGZ=${DATA_TGZ:-scratch/cifar10-jpeg.tar.gz}
@@ -60,16 +66,20 @@ tail -n 30 "$OUT/smoke.txt"
 if [ $rc -ne 0 ]; then stamp "smoke failed (rc $rc): stopping"; exit 1; fi
 
 
-stamp "training: experiments/cifar10.py $TRAIN_ARGS (limit $TRAIN_S s)"
-timeout "$TRAIN_S" $PY experiments/cifar10.py $TRAIN_ARGS --data-dir /tmp/cifar10 \
-  --workdir /tmp/run --no-progress > "$OUT/train.log" 2>&1
-stamp "training rc $?"
-tail -n 25 "$OUT/train.log"
-(cd /tmp/run 2>/dev/null && tar czf "$OUT/run.tar.gz" --exclude=checkpoints . )
+if [ "$TRAIN_S" -gt 0 ]; then
+  stamp "training: experiments/cifar10.py $TRAIN_ARGS (limit $TRAIN_S s)"
+  timeout "$TRAIN_S" $PY experiments/cifar10.py $TRAIN_ARGS --data-dir /tmp/cifar10 \
+    --workdir /tmp/run --no-progress > "$OUT/train.log" 2>&1
+  stamp "training rc $?"
+  tail -n 25 "$OUT/train.log"
+  (cd /tmp/run 2>/dev/null && tar czf "$OUT/run.tar.gz" --exclude=checkpoints . )
+fi
 
-stamp "benchmark (limit $BENCH_S s)"
-timeout "$BENCH_S" $PY benchmarks/throughput.py $BENCH_ARGS --data-dir /tmp/cifar10 \
-  --out "$OUT/RESULTS-gpu.md" > "$OUT/bench.log" 2>&1
-stamp "benchmark rc $?"
-tail -n 40 "$OUT/bench.log"
+if [ "$BENCH_S" -gt 0 ]; then
+  stamp "benchmark (limit $BENCH_S s)"
+  timeout "$BENCH_S" $PY benchmarks/throughput.py $BENCH_ARGS --data-dir /tmp/cifar10 \
+    --out "$OUT/RESULTS-gpu.md" > "$OUT/bench.log" 2>&1
+  stamp "benchmark rc $?"
+  tail -n 40 "$OUT/bench.log"
+fi
 stamp "done"

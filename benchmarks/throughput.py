@@ -568,7 +568,8 @@ def _gpu_memory_rows(rows) -> List[Dict]:
     """On a GPU the side workers report their own peak device memory (one train and one eval step
     after compilation): one row per case."""
     return [dict(model=r["model"], batch=r["batch"], precision=r["precision"], jax=r.get("jax_peak_mb"),
-                 torch=r.get("torch_peak_mb"), kind="device") for r in rows
+                 torch=r.get("torch_peak_mb"), kind="device",
+                 xla_mb=r["xla_step_bytes"] / 2**20 if r.get("xla_step_bytes") else None) for r in rows
             if r.get("jax_peak_mb") or r.get("torch_peak_mb")]
 
 
@@ -775,10 +776,15 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe, min_round_s
         L += ["", "Peak device memory (GPU), MB: each timed process's own peak over one training and one "
               "inference step after compilation (jaxcnn: `peak_bytes_in_use` of XLA's allocator, "
               "XLA_PYTHON_CLIENT_PREALLOCATE=false; PyTorch: `torch.cuda.max_memory_allocated`). Both hold "
-              "the weights, AdamW's state, the batch and the step's activations.", "",
-              "| model | batch | prec. | jaxcnn MB | PyTorch MB | jaxcnn / PyTorch |", "|---|---|---|---|---|---|"]
+              "the weights, AdamW's state, the batch and the step's activations; jaxcnn's also what XLA's compiler "
+              "and autotuner allocated (a floor of ~418 MB on the H200). \"XLA plan\": the train step's "
+              "arguments + outputs + temporaries as XLA planned them (`memory_analysis`; the donated state may "
+              "count twice).", "",
+              "| model | batch | prec. | jaxcnn MB | PyTorch MB | jaxcnn / PyTorch | XLA plan MB |",
+              "|---|---|---|---|---|---|---|"]
         L += [f"| {m['model']} | {m['batch']} | {m['precision']} | {fmt(m.get('jax'))} | {fmt(m.get('torch'))} | "
-              f"{fmt(m['jax'] / m['torch'], 2) if m.get('jax') and m.get('torch') else '—'} |" for m in mem_rows]
+              f"{fmt(m['jax'] / m['torch'], 2) if m.get('jax') and m.get('torch') else '—'} | "
+              f"{fmt(m.get('xla_mb'))} |" for m in mem_rows]
     elif mem_rows:
         L += ["", "Peak memory of a training step (fp32; one framework per process; host RSS includes each "
               "framework's own runtime and, for jaxcnn, XLA's compiler). Dense blocks recompute their layers in "

@@ -119,15 +119,16 @@ def test_gpu_report_has_device_memory_and_gpu_batches(monkeypatch, tmp_path):
     assert throughput.default_batches(224, gpu=True) == [32, 128]
     assert throughput.default_batches(32) == [32, 128]
     rows = [dict(model="simple_cnn", size=32, batch=128, precision="bf16", jax_train=10.0, torch_train=5.0,
-                 jax_peak_mb=300.0, torch_peak_mb=400.0),
+                 jax_peak_mb=300.0, torch_peak_mb=400.0, xla_step_bytes=250 * 2**20),
             dict(model="simple_cnn", size=32, batch=512, precision="bf16", jax_train=20.0, torch_train=8.0)]
     mem = throughput._gpu_memory_rows(rows)
-    assert mem == [dict(model="simple_cnn", batch=128, precision="bf16", jax=300.0, torch=400.0, kind="device")]
+    assert mem == [dict(model="simple_cnn", batch=128, precision="bf16", jax=300.0, torch=400.0, kind="device",
+                        xla_mb=250.0)]
     out = tmp_path / "r.md"
     throughput.write_report(str(out), "cmd", {"cpu": "x", "gpu": "Some GPU", "cuda": "CUDA 1", "tf32": "t"},
                             rows, mem, [], {}, 0.3)
     text = out.read_text()
-    assert "| simple_cnn | 128 | bf16 | 300 | 400 | 0.75 |" in text, text
+    assert "| simple_cnn | 128 | bf16 | 300 | 400 | 0.75 | 250 |" in text, text
     assert "| simple_cnn | 32 | 512 | bf16 |" in text and "| 2.50 |" in text
     assert "GPU: Some GPU; CUDA 1" in text
     monkeypatch.setenv("JAXCNN_COMMIT", "abc1234")
