@@ -41,7 +41,7 @@ cat "$OUT/env.txt"
 
 stamp "smoke: import, one jitted train step of a tiny model on the GPU"
 timeout 120 $PY - > "$OUT/smoke.txt" 2>&1 <<'EOF'
-import jax, jax.numpy as jnp, numpy as np, optax
+import jax, numpy as np, optax
 import jaxcnn
 from jaxcnn.train.state import create_train_state
 from jaxcnn.train.step import make_train_step
@@ -51,7 +51,7 @@ s = create_train_state(m, optax.adamw(1e-3), image_size=32, seed=0)
 step = make_train_step(augment=None, num_classes=10, mean=(120.,) * 3, std=(64.,) * 3)
 b = {"image": np.zeros((8, 32, 32, 3), np.uint8), "label": np.zeros(8, np.int32), "mask": np.ones(8, bool)}
 s, met = step(s, jax.device_put(b))
-print("loss", float(met["loss"]), "platform", np.asarray(met["loss"]).dtype)
+print("loss", float(met["loss"]), "on", met["loss"].devices())
 EOF
 rc=$?
 stamp "data"

@@ -155,9 +155,9 @@ def _model_gflop(name: str, batch: int, num_classes: int = 10) -> Dict:
     out = {}
     with ops.enabled(False):
         for key, step in (("train_gflop", make_train_step(augment=None, **stats)), ("infer_gflop", make_eval_step(**stats))):
-            try:
+            try:  # on the H200 (jax 0.11.2) this gave no flop count: no rate table there
                 cost = step.lower(state, data).cost_analysis()
-            except Exception:  # a backend without an HLO cost model: no rate table
+            except Exception:
                 continue
             cost = cost[0] if isinstance(cost, list) else cost
             if cost and cost.get("flops"):
@@ -549,11 +549,11 @@ def _commit() -> str:
     from), marked when it has uncommitted changes; 'not a git checkout' for an installed copy."""
     import subprocess
     import jaxcnn
-    root = os.path.dirname(os.path.dirname(os.path.abspath(jaxcnn.__file__)))
-    git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, timeout=30)
     given = os.environ.get("JAXCNN_COMMIT")  # a copy of a checkout (a lent GPU machine) whose .git
     if given:                                 # may be older than its files: the caller says which
         return f"{given} (as stated by JAXCNN_COMMIT)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(jaxcnn.__file__)))
+    git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, timeout=30)
     try:
         head = git("rev-parse", "--short", "HEAD")
         if head.returncode != 0:

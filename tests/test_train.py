@@ -272,7 +272,8 @@ jax.config.update("jax_threefry_partitionable", False)
 assert jax.device_count() == 4, jax.devices()
 from test_train import _step_setup
 from jaxcnn.train.state import make_mesh
-out = {}
+from jaxcnn.train.step import make_eval_step
+out, preds = {}, {}
 # SGD: simple_cnn's conv biases sit before BatchNorm, so their true gradient is 0 and Adam would
 # blow the float rounding noise in it up to full-size (device-count dependent) steps.
 for n in (1, 4):
@@ -282,7 +283,12 @@ for n in (1, 4):
         state, m = step(state, batch)
         losses.append(float(m["loss"]))
     out[n] = (losses, jax.device_get(state.params), jax.device_get(state.batch_stats))
+    # the eval step on the mesh, with and without folded weights (`folded` is optional there too)
+    ev = make_eval_step(num_classes=4, mean=(80.,) * 3, std=(60.,) * 3, mesh=make_mesh(n))
+    preds[n] = np.asarray(ev(state, batch)["pred"])
+    np.testing.assert_array_equal(preds[n], np.asarray(ev(state, batch, {})["pred"]))
 np.testing.assert_allclose(out[1][0], out[4][0], rtol=2e-5)
+assert (preds[1] == preds[4]).mean() > 0.9, (preds[1], preds[4])
 jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), out[1][1:], out[4][1:])
 print("losses", out[1][0], out[4][0])
 """

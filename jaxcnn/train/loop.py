@@ -125,10 +125,9 @@ def evaluate_dataset(run: Run, state: TrainState, ds) -> Dict[str, Any]:
     sharding = data_sharded(run.mesh)
     loss = correct = count = 0.0
     preds: List[np.ndarray] = []
-    folded = None
+    # BatchNorm folded into the conv-BN units' kernels once for the pass, not in every batch
+    folded = run.fold_step(state, image_shape=tuple(ds.images.shape[1:]))
     for batch in prefetch(shard_batch(b, sharding) for b in loader.epoch(0)):
-        if folded is None:  # BatchNorm folded into the convolutions once, not in every batch
-            folded = run.fold_step(state, image_shape=tuple(batch["image"].shape[1:]))
         m = jax.device_get(run.eval_step(state, batch, folded))
         mask = np.asarray(batch["mask"])
         loss += float(m["loss_sum"]); correct += float(m["correct"]); count += float(m["count"])

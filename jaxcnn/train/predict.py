@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcnn._xla import eval_compiler_options
-from jaxcnn.layers import fold_batchnorm
 from jaxcnn.train.checkpoint import open_for_reading
 from jaxcnn.train.config import TrainConfig
 from jaxcnn.train.optim import make_optimizer
 from jaxcnn.train.precision import compute_dtype
 from jaxcnn.train.state import create_train_state
+from jaxcnn.train.step import eval_variables, make_fold_step
 
 
 class Predictor:
@@ -44,11 +44,11 @@ class Predictor:
             state, _ = store.restore(epoch, abstract)
         finally:
             store.close()
-        params = state.ema_params if state.ema_params is not None else state.params
+        use_ema = state.ema_params is not None
         # the conv-BN units' folded weights, computed once here rather than in every batch
-        shape = (self.image_size, self.image_size, 3)
-        self.variables = jax.jit(lambda v: fold_batchnorm(model.apply, v, shape, dtype))(
-            {"params": params, "batch_stats": state.batch_stats})
+        folded = make_fold_step(use_ema=use_ema, compute_dtype=dtype)(
+            state, image_shape=(self.image_size, self.image_size, 3))
+        self.variables = eval_variables(state, use_ema, folded)
         self.batch_size = batch_size
         mean, std, n = tuple(data["mean"]), tuple(data["std"]), len(self.class_names)
 

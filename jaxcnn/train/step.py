@@ -154,9 +154,7 @@ def make_eval_step(*, num_classes: int, mean: Sequence[float], std: Sequence[flo
         images, soft = preprocess(jax.random.PRNGKey(0), batch["image"], batch["label"],
                                   num_classes=num_classes, mean=mean, std=std, augment=None,
                                   dtype=compute_dtype)
-        variables = _eval_variables(state, use_ema)
-        if folded:
-            variables[FOLDED] = folded
+        variables = eval_variables(state, use_ema, folded)
         logits = state.apply_fn(variables, images, train=False)
         if tta_flip:  # mirror images are as likely as the originals; sum both views' logits
             logits = logits + state.apply_fn(variables, images[:, :, ::-1], train=False)
@@ -169,12 +167,17 @@ def make_eval_step(*, num_classes: int, mean: Sequence[float], std: Sequence[flo
     opts = eval_compiler_options()
     if mesh is None:
         return jax.jit(eval_step, compiler_options=opts)
-    return jax.jit(eval_step, in_shardings=(replicated(mesh), data_sharded(mesh), replicated(mesh)),
-                   out_shardings=replicated(mesh), compiler_options=opts)
+    sharded = jax.jit(eval_step, in_shardings=(replicated(mesh), data_sharded(mesh), replicated(mesh)),
+                      out_shardings=replicated(mesh), compiler_options=opts)
+    # in_shardings must name every positional argument, so `folded` is always passed ({}: none)
+    return lambda state, batch, folded=None: sharded(state, batch, {} if folded is None else folded)
 
 
-def _eval_variables(state: TrainState, use_ema: bool) -> Dict:
-    return {"params": state.ema_params if use_ema else state.params, "batch_stats": state.batch_stats}
+def eval_variables(state: TrainState, use_ema: bool, folded=None) -> Dict:
+    """The variables inference applies the model with: the (EMA) parameters, the BatchNorm
+    statistics and, when given, `make_fold_step`'s folded conv-BN weights."""
+    v = {"params": state.ema_params if use_ema else state.params, "batch_stats": state.batch_stats}
+    return {**v, FOLDED: folded} if folded else v
 
 
 def make_fold_step(*, use_ema: bool = False, compute_dtype=jnp.float32):
@@ -184,8 +187,7 @@ def make_fold_step(*, use_ema: bool = False, compute_dtype=jnp.float32):
     preprocessed image's (H, W, C). Empty (and the step unchanged) where nothing folds: several
     devices, other platforms."""
     def fold(state: TrainState, image_shape):
-        v = fold_batchnorm(state.apply_fn, _eval_variables(state, use_ema), image_shape, compute_dtype)
-        return v[FOLDED]
+        return fold_batchnorm(state.apply_fn, eval_variables(state, use_ema), image_shape, compute_dtype)[FOLDED]
 
     return jax.jit(fold, static_argnames="image_shape")
 
