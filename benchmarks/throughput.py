@@ -83,7 +83,7 @@ def _jax_steps(name: str, batch: int, precision: str, num_classes: int = 10, pla
                remat: Optional[bool] = None):
     """jaxcnn's train/eval steps. `plain_ops`: trace with jaxcnn.ops switched off (plain Flax/XLA
     layers), to show what the library's CPU kernels change. `remat`: the dense-block field (None:
-    the model's default, which recomputes on the CPU)."""
+    the model's default, which stores)."""
     import jax
     import jaxcnn
     from jaxcnn.train.precision import compute_dtype
@@ -148,8 +148,7 @@ def _model_gflop(name: str, batch: int, num_classes: int = 10) -> Dict:
     from jaxcnn.train.step import make_eval_step, make_train_step
 
     size = jaxcnn.model_info(name).image_size
-    fields = getattr(jaxcnn.create_model(name), "__dataclass_fields__", {})
-    model = jaxcnn.create_model(name, num_classes=num_classes, **(dict(remat=False) if "remat" in fields else {}))
+    model = jaxcnn.create_model(name, num_classes=num_classes)  # dense blocks store by default
     tx, data, stats = _adamw_and_batch(batch, size, num_classes)
     state = jax.eval_shape(lambda: create_train_state(model, tx, image_size=size, seed=0))  # shapes only
     out = {}
@@ -293,7 +292,7 @@ def worker_side(a) -> Dict:
 def worker_memory(a) -> Dict:
     if a.framework == "jax":
         import jax
-        train, _, _, _ = _jax_steps(a.model, a.batch, a.precision, remat=False if a.no_remat else None)
+        train, _, _, _ = _jax_steps(a.model, a.batch, a.precision, remat=True if a.remat else None)
         train(1)
         t = time.perf_counter(); train(2)
         rate = 2 * a.batch / (time.perf_counter() - t)
@@ -621,7 +620,7 @@ def main(argv=None):
     ap.add_argument("--precision", help=argparse.SUPPRESS)
     ap.add_argument("--framework", help=argparse.SUPPRESS)
     ap.add_argument("--num-devices", dest="ndev", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--no-remat", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--remat", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gpu", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
@@ -688,13 +687,13 @@ def main(argv=None):
                                     "--precision", "fp32"])
                    for fw in (["jax"] if a.skip_torch else ["jax", "torch"])}
             if "remat" in getattr(jaxcnn.create_model(name), "__dataclass_fields__", {}):
-                mem["jax_noremat"] = _run_worker(["memory", "--framework", "jax", "--model", name, "--batch",
-                                                  str(b), "--precision", "fp32", "--no-remat"])
+                mem["jax_remat"] = _run_worker(["memory", "--framework", "jax", "--model", name, "--batch",
+                                                str(b), "--precision", "fp32", "--remat"])
             xla = next((r.get("xla_step_bytes") for r in rows if r["model"] == name and r["batch"] == b
                         and r["precision"] == "fp32"), None)
             mem_rows.append(dict(model=name, batch=b, **{fw: m.get("peak_mb") for fw, m in mem.items()},
                                  jax_rate=mem["jax"].get("train_img_s"),
-                                 noremat_rate=mem.get("jax_noremat", {}).get("train_img_s"),
+                                 remat_rate=mem.get("jax_remat", {}).get("train_img_s"),
                                  xla_mb=xla / 2**20 if xla else None,
                                  kind=next(iter(mem.values())).get("kind", "")))
             print("    memory", mem, flush=True)
@@ -787,15 +786,15 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe, min_round_s
               f"{fmt(m.get('xla_mb'))} |" for m in mem_rows]
     elif mem_rows:
         L += ["", "Peak memory of a training step (fp32; one framework per process; host RSS includes each "
-              "framework's own runtime and, for jaxcnn, XLA's compiler). Dense blocks recompute their layers in "
-              "the backward pass by default on the CPU; \"remat=False\": the same model storing them. "
+              "framework's own runtime and, for jaxcnn, XLA's compiler). Dense blocks store their layers' "
+              "activations by default; \"remat=True\": the same model recomputing them in the backward pass. "
               "\"XLA buffers\": what XLA plans for the step (arguments + outputs + temporaries). Images/s "
               "here come from the memory runs (2 steps, not interleaved), to show what remat does to speed.", "",
-              "| model | batch | jaxcnn MB | jaxcnn remat=False MB | PyTorch MB | XLA buffers MB | jaxcnn img/s | remat=False img/s | kind |",
+              "| model | batch | jaxcnn MB | jaxcnn remat=True MB | PyTorch MB | XLA buffers MB | jaxcnn img/s | remat=True img/s | kind |",
               "|---|---|---|---|---|---|---|---|---|"]
-        L += [f"| {m['model']} | {m['batch']} | {fmt(m.get('jax'))} | {fmt(m.get('jax_noremat'))} | "
+        L += [f"| {m['model']} | {m['batch']} | {fmt(m.get('jax'))} | {fmt(m.get('jax_remat'))} | "
               f"{fmt(m.get('torch'))} | {fmt(m.get('xla_mb'))} | {fmt(m.get('jax_rate'), 1)} | "
-              f"{fmt(m.get('noremat_rate'), 1)} | {m['kind']} |" for m in mem_rows]
+              f"{fmt(m.get('remat_rate'), 1)} | {m['kind']} |" for m in mem_rows]
     if dev_rows:
         passes = len(dev_rows[0].get("rates", [None]))
         L += ["", "Data parallel, same global batch 128 on N simulated CPU devices (they share the same cores). "

@@ -284,23 +284,17 @@ def _recomputed_new_features(layer: DenseLayer, features: tuple, dropout_rng, st
     return nn.custom_vjp(f, forward_fn=fwd, backward_fn=bwd)(layer, features, stats)
 
 
-def _remat_on(remat: Optional[bool]) -> bool:
-    """A dense block's `remat` field resolved: None means on for the CPU (ops.DENSE_REMAT)."""
-    return (ops.DENSE_REMAT and ops.on_cpu()) if remat is None else bool(remat)
-
-
 class DenseBlock(nn.Module):
     """`num_layers` DenseLayers, each seeing every earlier feature map.
 
-    `remat` is the memory-efficient DenseNet (Pleiss et al. 2017; torchvision's
+    `remat=True` is the memory-efficient DenseNet (Pleiss et al. 2017; torchvision's
     `memory_efficient=True`): in training, a layer's concatenation, BatchNorms, ReLUs and
     bottleneck are recomputed in the backward pass, so the block stores only each layer's k new
-    channels instead of a growing concatenation per layer (quadratic in depth). `None` (default)
-    turns it on for the CPU, where it halves a training step's memory (densenet_bc_100_12,
-    batch 128: XLA buffers 6.6 -> 2.4 GB, host peak 8.3 -> 4.5 GB, below PyTorch's 5.1). Its speed
-    depends on the pages: with 4 KiB pages it was also faster (30.6 -> 38.6 images/s), with huge
-    pages (jaxcnn/_malloc.py) storing is faster (52.0 vs 42.8); see benchmarks/RESULTS.md. Pass
-    `remat=False` for speed when memory allows; `ops.enabled(False)` turns the default off.
+    channels instead of a growing concatenation per layer (quadratic in depth). It costs speed:
+    densenet_bc_100_12 fp32 at batch 128 on a 2-core CPU, host peak 2.9 GB at 54.7 images/s
+    against 4.7 GB at 77.6 stored (PyTorch: 5.2 GB). The default, `False`, stores: with it every
+    benchmarked model's step already needs less memory than PyTorch's (benchmarks/NOTES.md,
+    session 20); turn remat on for deeper blocks or bigger batches than memory allows.
 
     In training (with `ops.CUSTOM_BN`), each feature map's batch mean and variance are computed
     once, when it is made, and every later layer's norm1 normalises with them (`ops.batch_stats`):
@@ -311,13 +305,13 @@ class DenseBlock(nn.Module):
     growth_rate: int
     bn_size: Optional[int] = 4
     drop_rate: float = 0.0
-    remat: Optional[bool] = None
+    remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        remat = _remat_on(self.remat) and train and not self.is_initializing()
+        remat = bool(self.remat) and train and not self.is_initializing()
         # jax.checkpoint works off the CPU; on it, see _recomputed_new_features.
         # static_argnums counts `self` as 0: argument 2 is `train`.
         layer_cls = (nn.remat(DenseLayer, static_argnums=(2,), methods=["new_features"])
@@ -371,11 +365,10 @@ class DenseBlock(nn.Module):
 
 def recomputes(model: nn.Module) -> bool:
     """Whether `model`'s training step recomputes dense-block activations in its backward pass
-    on the CPU (a `remat` field set to True, or None with `ops.DENSE_REMAT`). Models without a
-    `remat` field never do. See `jaxcnn._xla.train_compiler_options` for why it matters."""
+    on the CPU (a `remat` field set to True). Models without a `remat` field never do. See `jaxcnn._xla.train_compiler_options` for why it matters."""
     # On the CPU the recomputation is the fenced one (_recomputed_new_features); elsewhere
     # nn.remat, which XLA's scheduler handles itself.
-    return ops.on_cpu() and _remat_on(getattr(model, "remat", False))
+    return ops.on_cpu() and bool(getattr(model, "remat", False))
 
 
 class Transition(nn.Module):
@@ -510,7 +503,7 @@ class DenseResidualBlock(nn.Module):
     bn_size: int = 4
     se: bool = False
     se_reduction: int = 16
-    remat: Optional[bool] = None   # see DenseBlock
+    remat: bool = False   # see DenseBlock
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

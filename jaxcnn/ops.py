@@ -47,14 +47,13 @@ FENCES = not _PLAIN          # fusion fences around the convolution gradient (CP
 DOT_1X1 = not _PLAIN         # 1x1 convolutions as matmuls (CPU only)
 MAX_POOL_GRAD = not _PLAIN   # max-pool gradient from slices instead of select-and-scatter
 CUSTOM_BN = not _PLAIN       # closed-form BatchNorm gradient (jaxcnn.layers.norm)
-DENSE_REMAT = not _PLAIN     # dense blocks with remat=None recompute in training (CPU only)
 ONEDNN = not _PLAIN          # oneDNN direct convolutions where jaxcnn.onednn applies (CPU only)
 BIAS_GRAD = not _PLAIN       # convolution bias gradients summed in float32 (add_bias)
 DENSE_BUFFER = not _PLAIN    # dense blocks in inference grow one buffer in place (layers.DenseBlock)
 FOLD_BN = not _PLAIN         # inference: conv + BN (+ add) (+ ReLU) as one oneDNN call (layers.conv_bn)
 DNNL_WGRAD = not _PLAIN      # convolution weight gradients by oneDNN's library (jaxcnn.dnnl; CPU only)
 DNNL_BN = not _PLAIN         # training BatchNorm (+ ReLU) by oneDNN's library (jaxcnn.bnorm; CPU only)
-_SWITCHES = ("FENCES", "DOT_1X1", "MAX_POOL_GRAD", "CUSTOM_BN", "DENSE_REMAT", "ONEDNN", "BIAS_GRAD",
+_SWITCHES = ("FENCES", "DOT_1X1", "MAX_POOL_GRAD", "CUSTOM_BN", "ONEDNN", "BIAS_GRAD",
              "DENSE_BUFFER", "FOLD_BN", "DNNL_WGRAD", "DNNL_BN")
 
 

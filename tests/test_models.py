@@ -189,9 +189,10 @@ def test_squeeze_excite_option():
 
 @pytest.mark.parametrize("name,kw", [("resdensenet_cifar", {}), ("densenet_bc_small", {"drop_rate": 0.2})])
 def test_remat_gives_the_same_gradients_and_statistics(name, kw, monkeypatch):
-    # remat=None (the default) recomputes on the CPU; compare both explicit settings with it.
+    # remat=True recomputes (on the CPU: layers._recomputed_new_features); remat=False (the
+    # default) stores. Same gradients and BatchNorm statistics either way.
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
-    models = {r: tiny(name, remat=r, **kw) for r in (False, True, None)}
+    models = {r: tiny(name, remat=r, **kw) for r in (False, True)}
     v = random_variables(models[False], x.shape)
     for m in models.values():
         assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(
@@ -205,8 +206,7 @@ def test_remat_gives_the_same_gradients_and_statistics(name, kw, monkeypatch):
         return jax.jit(jax.grad(f, has_aux=True))(v["params"])
 
     ref = grads(models[False])
-    for r in (True, None):
-        chex.assert_trees_all_close(grads(models[r]), ref, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(grads(models[True]), ref, rtol=1e-5, atol=1e-5)
     # Off the CPU remat=True is nn.remat (jax.checkpoint); run that path here too.
     monkeypatch.setattr(ops, "on_cpu", lambda: False)
     chex.assert_trees_all_close(grads(models[True]), ref, rtol=1e-5, atol=1e-5)
@@ -217,26 +217,25 @@ def test_remat_lowers_the_compiled_memory_of_a_train_step():
     # with and without); the fenced recomputation in layers.DenseBlock must really store less.
     x = jnp.zeros((16, 32, 32, 3))
 
-    def temp_bytes(remat):
-        m = jaxcnn.create_model("densenet_bc_small", num_classes=10, remat=remat)
+    def temp_bytes(**kw):
+        m = jaxcnn.create_model("densenet_bc_small", num_classes=10, **kw)
         v = jax.eval_shape(m.init, jax.random.PRNGKey(0), x)
         f = lambda p, s: m.apply({"params": p, "batch_stats": s}, x, train=True,
                                  mutable=["batch_stats"])[0].sum()
         compiled = jax.jit(jax.grad(f)).lower(v["params"], v["batch_stats"]).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    plain, remat = temp_bytes(False), temp_bytes(True)
+    plain, remat = temp_bytes(remat=False), temp_bytes(remat=True)
     assert remat < 0.75 * plain, (remat, plain)
-    assert temp_bytes(None) == remat  # the CPU default
+    assert temp_bytes() == plain  # the default stores
 
 
 def test_recomputes_names_the_models_whose_dense_blocks_recompute(monkeypatch):
-    assert layers.recomputes(jaxcnn.create_model("densenet_bc_small"))  # remat=None on the CPU
+    assert not layers.recomputes(jaxcnn.create_model("densenet_bc_small"))  # stores by default
     assert layers.recomputes(jaxcnn.create_model("resdensenet_cifar", remat=True))
+    assert layers.recomputes(jaxcnn.create_model("densenet_bc_small", remat=True))
     assert not layers.recomputes(jaxcnn.create_model("densenet_bc_small", remat=False))
     assert not layers.recomputes(jaxcnn.create_model("resnet18_cifar"))
-    with ops.enabled(False):
-        assert not layers.recomputes(jaxcnn.create_model("densenet_bc_small"))
     monkeypatch.setattr(ops, "on_cpu", lambda: False)  # off the CPU remat is jax.checkpoint
     assert not layers.recomputes(jaxcnn.create_model("densenet_bc_small", remat=True))
 
@@ -313,7 +312,7 @@ def test_eval_compiles_with_matmul_only_ynn_fusions(monkeypatch):
 
 
 @pytest.mark.parametrize("name,kw", [("resnet18_cifar", {}), ("densenet_bc_small", {}),
-                                     ("densenet_bc_small", {"remat": False}), ("simple_cnn", {}),
+                                     ("densenet_bc_small", {"remat": True}), ("simple_cnn", {}),
                                      ("resnet50", {})])
 def test_cpu_ops_give_the_plain_flax_gradients(name, kw):
     # jaxcnn.ops (fenced convs, 1x1 matmuls, max-pool and BatchNorm gradients, dense blocks'

@@ -27,7 +27,7 @@ class DenseNet(nn.Module):
     compression: float = 0.5
     drop_rate: float = 0.0
     stem: str = "imagenet"
-    remat: Optional[bool] = None   # None: on when training on the CPU (see layers.DenseBlock)
+    remat: bool = False   # True: recompute dense layers in the backward pass (see layers.DenseBlock)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 

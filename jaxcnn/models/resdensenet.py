@@ -24,7 +24,7 @@ class ResDenseNet(nn.Module):
     stem: str = "imagenet"
     se: bool = False
     se_reduction: int = 16
-    remat: Optional[bool] = None   # None: on when training on the CPU (see layers.DenseBlock)
+    remat: bool = False   # True: recompute dense layers in the backward pass (see layers.DenseBlock)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
