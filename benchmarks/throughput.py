@@ -580,6 +580,35 @@ def _loadavg() -> str:
         return "n/a"
 
 
+def _fresh_memory() -> str:
+    """What fresh memory costs on this machine: ms to touch 1 GiB just after freeing 256 MiB, and
+    again after the memory sat free for 3 s. On a VM whose kernel reports free pages to its host
+    (virtio-balloon free page reporting, /sys/module/page_reporting) the second is 10-20x the
+    first (the project's EPYC VM: ~100 against ~1,200 ms/GiB): the host took the pages back and
+    faults them in again. Both frameworks allocate every step's large buffers afresh, so a step
+    that leaves memory free for long pays this, and timings on such a VM swing with it."""
+    def touch() -> float:
+        t = time.perf_counter()
+        a = np.empty(2**26, np.float32)
+        a.fill(1.0)
+        dt = time.perf_counter() - t
+        del a
+        return dt * 4e3  # ms per GiB
+    touch()  # first touch: pages this process never had
+    hot = touch()
+    time.sleep(3.0)
+    cold = touch()
+    order = None
+    try:
+        with open("/sys/module/page_reporting/parameters/page_reporting_order") as f:
+            order = f.read().strip()
+    except OSError:
+        pass
+    where = (f"this kernel reports free pages to its host, page_reporting_order {order}" if order
+             else "no free page reporting found")
+    return f"{hot:,.0f} ms/GiB just freed, {cold:,.0f} after 3 s free; {where}"
+
+
 def fmt(v, nd=0):
     return "—" if v is None else f"{v:,.{nd}f}"
 
@@ -644,12 +673,14 @@ def main(argv=None):
         a.devices = []
     command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     load_start = _loadavg()
+    fresh_start = _fresh_memory()
     common = ["--rounds", str(a.rounds), "--steps", str(a.steps)]  # devices and pipeline workers
     rows, mem_rows = [], []
     env = dict(machine(), load=f"{load_start} at start")
 
     def report(gemm=None, dev_rows=(), pipe=None):  # after every case: a cut-short run keeps its rows
-        write_report(a.out, command, dict(env, load=f"{load_start} at start, {_loadavg()} at end"), rows,
+        write_report(a.out, command, dict(env, load=f"{load_start} at start, {_loadavg()} at end",
+                                          fresh=fresh_start), rows,
                      mem_rows if not gpu else _gpu_memory_rows(rows), list(dev_rows), pipe or {},
                      a.min_round_s, gemm)
 
@@ -728,7 +759,11 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe, min_round_s
          f"`{os.environ.get('GLIBC_TUNABLES', '')}`  ",
          f"Load average (1/5/15 min): {env.get('load')}. PyTorch's OpenMP threads slow down far more "
          "than XLA's when other processes share the cores, so only figures taken at a load below ~0.5 "
-         "per core compare the frameworks fairly.", "",
+         "per core compare the frameworks fairly.  ",
+         *([f"Fresh memory at the start (touching newly allocated pages): {env['fresh']}. Where the "
+            "second figure is far above the first, the host reclaims freed memory and timings swing with "
+            "how long each step leaves its buffers free (benchmarks/NOTES.md, session 20)."]
+           if env.get("fresh") else []), "",
          "Training: full step (uint8 input normalised in the step, forward, backward, AdamW, BatchNorm "
          "update). PyTorch: eager and `torch.compile` (fp32 only), channels-last, same batch, AdamW, "
          "precision via autocast. Each framework (jaxcnn, PyTorch eager, PyTorch compiled) runs in a "
