@@ -106,7 +106,7 @@ class _Dnnl:
         if v.major != 3:
             raise OSError(f"{path} is oneDNN {v.major}.{v.minor}; jaxcnn needs oneDNN 3.x")
         self.version = f"{v.major}.{v.minor}.{v.patch}"
-        # The im2col + matmul gradients (`by_matmul`) were measured faster only with AMX.
+        # Picks the output sizes at which im2col + matmul gradients run (`by_matmul`).
         self.amx = lib.dnnl_get_effective_cpu_isa() & _ISA_AMX == _ISA_AMX
         lib.dnnl_primitive_desc_query_md.restype = _vp
         lib.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
@@ -198,7 +198,7 @@ class _Dnnl:
         owned = self.owner(buffers)
 
         try:
-            built = self._by_matmul(key, owned) if self.amx and by_matmul(key) else None
+            built = self._by_matmul(key, owned) if by_matmul(key, self.amx) else None
         except RuntimeError:  # a view or a matmul oneDNN rejects: its kernel then
             built = None
         if built is None:
@@ -383,16 +383,22 @@ def _window(tap: int, stride: int, pad: int, size: int, out_size: int) -> tuple:
     return first, min(out_size - 1, (size - 1 + pad - tap) // stride)
 
 
-def by_matmul(key) -> bool:
+def by_matmul(key, amx: bool) -> bool:
     """Whether a gradient is an im2col and a matmul (`_Dnnl._by_matmul`) rather than oneDNN's
-    backward-weights kernel: in bf16, for output images of at most JAXCNN_DNNL_MATMUL pixels
-    (64; 0: never) and 128 or more channels in and out, on CPUs with AMX (`_Dnnl.amx`; elsewhere
-    it was not measured). There oneDNN 3.2's AMX kernel does little better than f32; 64 images on one thread of the 2-core Xeon (kernel / im2col + matmul, ms):
-    512->512 at 4x4 33.7 / 7.6, 256->512 stride 2 to 4x4 19.6 / 3.8, 256->256 at 8x8 11.3 / 9.0,
-    128->256 stride 2 to 8x8 7.4 / 4.8; but 128->128 at 16x16 4.9 / 12.7, 128->32 at 8x8
-    0.8 / 1.8. Also only where oneDNN takes every tap's window as a strided view (a window of a
-    stride-2 tap on an odd size can reach past the image's own extent)."""
-    limit = int(os.environ.get("JAXCNN_DNNL_MATMUL", "64"))
+    backward-weights kernel: in bf16, with 128 or more channels in and out, for output images of
+    at most 64 pixels on CPUs with AMX (`_Dnnl.amx`), never elsewhere (JAXCNN_DNNL_MATMUL=N sets
+    the pixel limit on any CPU; 0: never). With AMX, oneDNN 3.2's kernel does little better than
+    f32; 64 images on one thread of the 2-core Xeon (kernel / im2col + matmul, ms): 512->512 at
+    4x4 33.7 / 7.6, 256->512 stride 2 to 4x4 19.6 / 3.8, 256->256 at 8x8 11.3 / 9.0, 128->256
+    stride 2 to 8x8 7.4 / 4.8; but 128->128 at 16x16 4.9 / 12.7, 128->32 at 8x8 0.8 / 1.8.
+    Without AMX (avx512_core_bf16, the 2-core Zen 5 EPYC; batch 128, jitted alone, median of 31
+    calls, 3 alternated processes): 512->512 at 4x4 25.4-26.9 / 18.3-19.3, 256->512 stride 2 to
+    4x4 19.3-20.5 / 10.0-11.0, 256->256 at 8x8 16.1-16.4 / 21.0-22.2; yet the matmul at <= 16
+    pixels did not make resnet18_cifar's bf16 step faster there (alternated A/B, 4 pairs of
+    8-step medians, benchmarks/NOTES.md session 20), so the default stays the kernel. Also only
+    where oneDNN takes every tap's window as a strided view (a window of a stride-2 tap on an odd
+    size can reach past the image's own extent)."""
+    limit = int(os.environ.get("JAXCNN_DNNL_MATMUL", "64" if amx else "0"))
     (n, h, w, ci), (_, oh, ow, co), (kh, kw) = key[0], key[1], key[2][:2]
     (sh, sw), ((pt, _), (pl, _)) = key[3], key[4]
     if key[5] != "bfloat16" or oh * ow > limit or min(ci, co) < 128:

@@ -86,10 +86,11 @@ def test_kernels_are_oneDNN_jit_ones():
     ((3, 4, 4, 128), (3, 3, 128, 128), (1, 1), "SAME"),
     ((3, 8, 8, 128), (3, 3, 128, 160), (2, 2), "SAME"),              # pads (0, 1)
     ((3, 2, 2, 128), (3, 3, 128, 128), (2, 2), ((1, 1), (1, 1)))])   # tap 0 sees only padding
-@pytest.mark.skipif(not getattr(dnnl._runtime(), "amx", False), reason="the matmul gradients are used only with AMX")
 def test_small_bf16_images_take_im2col_and_matmul(x_shape, w_shape, strides, padding, monkeypatch):
     """bf16, at most 64 output pixels, 128+ channels: the gradient is an im2col and a matmul,
-    as close to the exact one as XLA's, split over XLA's threads or not."""
+    as close to the exact one as XLA's, split over XLA's threads or not. The default takes the
+    matmul only with AMX; JAXCNN_DNNL_MATMUL turns it on here on any CPU."""
+    monkeypatch.setenv("JAXCNN_DNNL_MATMUL", "64")
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal(w_shape) * 0.05, jnp.bfloat16)
@@ -109,15 +110,21 @@ def test_small_bf16_images_take_im2col_and_matmul(x_shape, w_shape, strides, pad
     assert dnnl.implementation(x_shape, g_shape, w_shape, strides, pads, jnp.bfloat16).startswith("im2col+matmul")
 
 
-def test_which_gradients_take_the_matmul():
+def test_which_gradients_take_the_matmul(monkeypatch):
     key = lambda x, g, w, s, dtype="bfloat16": (x, g, w, s, ((1, 1), (1, 1)), dtype)
-    assert dnnl.by_matmul(key((64, 4, 4, 512), (64, 4, 4, 512), (3, 3, 512, 512), (1, 1)))
-    assert dnnl.by_matmul(key((64, 14, 14, 256), (64, 7, 7, 512), (3, 3, 256, 512), (2, 2)))
-    assert not dnnl.by_matmul(key((64, 4, 4, 512), (64, 4, 4, 512), (3, 3, 512, 512), (1, 1), "float32"))
-    assert not dnnl.by_matmul(key((64, 16, 16, 128), (64, 16, 16, 128), (3, 3, 128, 128), (1, 1)))  # 256 pixels
-    assert not dnnl.by_matmul(key((64, 8, 8, 128), (64, 8, 8, 32), (3, 3, 128, 32), (1, 1)))  # 32 out
-    # stride 2 on 7 rows: a tap's window (rows 0, 2, 4, 6) spans more than the image as oneDNN counts
-    assert not dnnl.by_matmul(key((64, 7, 7, 128), (64, 4, 4, 128), (3, 3, 128, 128), (2, 2)))
+    assert dnnl.by_matmul(key((64, 4, 4, 512), (64, 4, 4, 512), (3, 3, 512, 512), (1, 1)), True)
+    assert not dnnl.by_matmul(key((64, 4, 4, 512), (64, 4, 4, 512), (3, 3, 512, 512), (1, 1)), False)  # no AMX
+    monkeypatch.setenv("JAXCNN_DNNL_MATMUL", "64")  # the limit on any CPU
+    for amx in (True, False):
+        assert dnnl.by_matmul(key((64, 4, 4, 512), (64, 4, 4, 512), (3, 3, 512, 512), (1, 1)), amx)
+        assert not dnnl.by_matmul(key((64, 4, 4, 512), (64, 4, 4, 512), (3, 3, 512, 512), (1, 1), "float32"), amx)
+        assert not dnnl.by_matmul(key((64, 16, 16, 128), (64, 16, 16, 128), (3, 3, 128, 128), (1, 1)), amx)  # 256 px
+        assert not dnnl.by_matmul(key((64, 8, 8, 128), (64, 8, 8, 32), (3, 3, 128, 32), (1, 1)), amx)  # 32 out
+        # stride 2 on 7 rows: a tap's window (rows 0, 2, 4, 6) spans more than the image as oneDNN counts
+        assert not dnnl.by_matmul(key((64, 7, 7, 128), (64, 4, 4, 128), (3, 3, 128, 128), (2, 2)), amx)
+        assert dnnl.by_matmul(key((64, 14, 14, 256), (64, 7, 7, 512), (3, 3, 256, 512), (2, 2)), amx)
+    monkeypatch.setenv("JAXCNN_DNNL_MATMUL", "16")
+    assert not dnnl.by_matmul(key((64, 14, 14, 256), (64, 7, 7, 512), (3, 3, 256, 512), (2, 2)), True)  # 49 px
 
 
 def test_vmap_and_other_layouts_stay_on_xla():
