@@ -291,8 +291,8 @@ class DenseBlock(nn.Module):
     `memory_efficient=True`): in training, a layer's concatenation, BatchNorms, ReLUs and
     bottleneck are recomputed in the backward pass, so the block stores only each layer's k new
     channels instead of a growing concatenation per layer (quadratic in depth). It costs speed:
-    densenet_bc_100_12 fp32 at batch 128 on a 2-core CPU, host peak 2.9 GB at 54.7 images/s
-    against 4.7 GB at 77.6 stored (PyTorch: 5.2 GB). The default, `False`, stores: with it every
+    densenet_bc_100_12 fp32 at batch 128 on a 2-core CPU with huge pages, host peak 2.9 GB at
+    2.5-2.7 s per step against 4.7 GB at 2.1-2.2 s stored (PyTorch: 5.2 GB). The default, `False`, stores: with it every
     benchmarked model's step already needs less memory than PyTorch's (benchmarks/NOTES.md,
     session 20); turn remat on for deeper blocks or bigger batches than memory allows.
 
