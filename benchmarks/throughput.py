@@ -581,8 +581,8 @@ def _loadavg() -> str:
 
 
 def _fresh_memory() -> str:
-    """What fresh memory costs on this machine: ms to touch 1 GiB just after freeing 256 MiB, and
-    again after the memory sat free for 3 s. On a VM whose kernel reports free pages to its host
+    """What fresh memory costs on this machine, in ms per GiB touched: 256 MiB allocated and
+    written just after the same amount was freed, and again after it sat free for 3 s. On a VM whose kernel reports free pages to its host
     (virtio-balloon free page reporting, /sys/module/page_reporting) the second is 10-20x the
     first (the project's EPYC VM: ~100 against ~1,200 ms/GiB): the host took the pages back and
     faults them in again. Both frameworks allocate every step's large buffers afresh, so a step

@@ -292,9 +292,10 @@ class DenseBlock(nn.Module):
     bottleneck are recomputed in the backward pass, so the block stores only each layer's k new
     channels instead of a growing concatenation per layer (quadratic in depth). It costs speed:
     densenet_bc_100_12 fp32 at batch 128 on a 2-core CPU with huge pages, host peak 2.9 GB at
-    2.5-2.7 s per step against 4.7 GB at 2.1-2.2 s stored (PyTorch: 5.2 GB). The default, `False`, stores: with it every
-    benchmarked model's step already needs less memory than PyTorch's (benchmarks/NOTES.md,
-    session 20); turn remat on for deeper blocks or bigger batches than memory allows.
+    2.5-2.7 s per step against 4.7 GB at 2.1-2.2 s stored (PyTorch: 5.2 GB). The default,
+    `False`, stores: with it every benchmarked model's step already needs less memory than
+    PyTorch's (benchmarks/NOTES.md, session 20); turn remat on for deeper blocks or bigger
+    batches than memory allows.
 
     In training (with `ops.CUSTOM_BN`), each feature map's batch mean and variance are computed
     once, when it is made, and every later layer's norm1 normalises with them (`ops.batch_stats`):
@@ -365,7 +366,8 @@ class DenseBlock(nn.Module):
 
 def recomputes(model: nn.Module) -> bool:
     """Whether `model`'s training step recomputes dense-block activations in its backward pass
-    on the CPU (a `remat` field set to True). Models without a `remat` field never do. See `jaxcnn._xla.train_compiler_options` for why it matters."""
+    on the CPU (a `remat` field set to True). Models without a `remat` field never do. See
+    `jaxcnn._xla.train_compiler_options` for why it matters."""
     # On the CPU the recomputation is the fenced one (_recomputed_new_features); elsewhere
     # nn.remat, which XLA's scheduler handles itself.
     return ops.on_cpu() and bool(getattr(model, "remat", False))

@@ -4,7 +4,7 @@ classifier)."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 import flax.linen as nn
