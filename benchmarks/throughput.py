@@ -580,20 +580,18 @@ def _loadavg() -> str:
         return "n/a"
 
 
-def _fresh_memory() -> str:
-    """What fresh memory costs on this machine, in ms per GiB touched: 256 MiB allocated and
-    written just after the same amount was freed, and again after it sat free for 3 s. On a VM whose kernel reports free pages to its host
-    (virtio-balloon free page reporting, /sys/module/page_reporting) the second is 10-20x the
-    first (the project's EPYC VM: ~100 against ~1,200 ms/GiB): the host took the pages back and
-    faults them in again. Both frameworks allocate every step's large buffers afresh, so a step
-    that leaves memory free for long pays this, and timings on such a VM swing with it."""
+def _fresh_memory(mib: int = 256) -> str:
+    """What fresh memory costs on this machine, in ms per GiB touched: `mib` MiB allocated and
+    written just after the same amount was freed, and again after it sat free for 3 s. On a VM
+    whose kernel reports free pages to its host (virtio-balloon free page reporting,
+    /sys/module/page_reporting) the second is 10-20x the first (the project's EPYC VM: ~100
+    against ~1,200 ms/GiB): the host took the pages back and faults them in again. Both
+    frameworks allocate every step's large buffers afresh, so a step that leaves memory free for
+    long pays this, and timings on such a VM swing with it."""
     def touch() -> float:
         t = time.perf_counter()
-        a = np.empty(2**26, np.float32)
-        a.fill(1.0)
-        dt = time.perf_counter() - t
-        del a
-        return dt * 4e3  # ms per GiB
+        np.empty(mib << 18, np.float32).fill(1.0)  # mib MiB of float32, freed on return
+        return (time.perf_counter() - t) * 1e3 * 1024 / mib
     touch()  # first touch: pages this process never had
     hot = touch()
     time.sleep(3.0)
@@ -676,11 +674,10 @@ def main(argv=None):
     fresh_start = _fresh_memory()
     common = ["--rounds", str(a.rounds), "--steps", str(a.steps)]  # devices and pipeline workers
     rows, mem_rows = [], []
-    env = dict(machine(), load=f"{load_start} at start")
+    env = dict(machine(), load=f"{load_start} at start", fresh=fresh_start)
 
     def report(gemm=None, dev_rows=(), pipe=None):  # after every case: a cut-short run keeps its rows
-        write_report(a.out, command, dict(env, load=f"{load_start} at start, {_loadavg()} at end",
-                                          fresh=fresh_start), rows,
+        write_report(a.out, command, dict(env, load=f"{load_start} at start, {_loadavg()} at end"), rows,
                      mem_rows if not gpu else _gpu_memory_rows(rows), list(dev_rows), pipe or {},
                      a.min_round_s, gemm)
 

@@ -13,7 +13,7 @@ copy, n=1, `--recipe fast --no-progress`, plus the flags named):
       in train_and_evaluate, 568 s (9.5 min) for the whole command
       (`--precision bf16 --epochs 25`; the VM ran 19.6-25.2 s per epoch).
     The recipe as it now stands, `--recipe fast` alone at 7030f57, half an hour later: the same
-      88.31% (the run is deterministic), 454 s of training at 2,796 img/s, 506 s in
+      88.31% (same test accuracy to the image), 454 s of training at 2,796 img/s, 506 s in
       train_and_evaluate, 8.5 min for the whole command.
     epochs=20: 87.96%, 380 s of training at 2,683 img/s, 425 s in train_and_evaluate, 7.1 min.
     One epoch each, minutes apart: bf16 2,597 img/s, fp32 1,860 img/s (71.2% / 71.1% test): bf16
