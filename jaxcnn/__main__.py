@@ -39,8 +39,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from jaxcnn.summary import summary
         info = model_info(args.name)
         size = args.image_size or info.image_size
-        summary(create_model(args.name, num_classes=args.num_classes), (size, size, 3),
-                batch_size=args.batch_size)
+        try:
+            summary(create_model(args.name, num_classes=args.num_classes), (size, size, 3),
+                    batch_size=args.batch_size)
+        except (TypeError, ValueError) as e:  # e.g. an image too small for the model's strides
+            print(f"jaxcnn summary: error: cannot build {args.name} for {size}x{size} images "
+                  f"({type(e).__name__}: {e}); its native size is {info.image_size} px", file=sys.stderr)
+            return 2
         return 0
     if args.command == "predict":
         from jaxcnn.train.predict import predict_files

@@ -161,6 +161,29 @@ def test_cli_flags_and_errors(capsys):
     assert "decay_epochs" in _cli_error(capsys, "--recipe", "default", "--schedule", "step")
     assert "KEY=VALUE" in _cli_error(capsys, "--model-kwargs", "growth_rate")
     assert "invalid int value" in _cli_error(capsys, "--epochs", "ten")
+    err = _cli_error(capsys, "--model", "densenet_bc_small", "--model-kwargs", "growth_rat=4")
+    assert "no field 'growth_rat' (did you mean 'growth_rate'?)" in err and "block_config" in err
+
+
+def test_cli_prints_jaxcnn_errors_without_a_traceback(tmp_path, capsys):
+    from jaxcnn.train.cli import main
+    (tmp_path / "file").write_text("x")
+    args = ["--model", "simple_cnn", "--no-progress", "--epochs", "1"]
+    # A work directory that is a file: refused before any data is read.
+    assert main(args + ["--data-dir", str(tmp_path / "none"), "--workdir", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "error: workdir" in err and "is a file" in err and "Traceback" not in err
+    # A missing data folder: the loader's message, as one line.
+    assert main(args + ["--data-dir", str(tmp_path / "none"), "--workdir", str(tmp_path / "w")]) == 2
+    assert "does not exist; pass --data-dir" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_model_that_cannot_be_built_names_the_kwargs_and_size(tmp_path):
+    from jaxcnn.train.loop import build
+    with pytest.raises(ValueError, match=r"cannot build simple_cnn for 16x16 images with model_kwargs "
+                                         r"\{'hidden': 'abc'\}.*\n.*--model-kwargs"):
+        build(config(tmp_path, model_kwargs=dict(hidden="abc")), splits(), init=False)
 
 
 def test_python_m_jaxcnn_summary(capsys):
@@ -170,6 +193,8 @@ def test_python_m_jaxcnn_summary(capsys):
     with pytest.raises(SystemExit):
         main(["summary", "resnet19"])
     assert "resnet18_cifar" in capsys.readouterr().err
+    assert main(["summary", "simple_cnn", "--image-size", "3"]) == 2  # too small for its 3 pools
+    assert "cannot build simple_cnn for 3x3 images" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- steps
@@ -339,6 +364,8 @@ def test_eval_only_and_predict(trained, tmp_path, capsys):
     assert out.startswith(str(tmp_path / "x.png")) and out.count("%") == 2
     assert main(["predict", "--checkpoint", str(wd), str(tmp_path / "broken.jpg")]) == 1
     assert "not a readable image" in capsys.readouterr().out
+    assert main(["predict", "--checkpoint", str(wd), str(tmp_path / "missing.jpg")]) == 1
+    assert "missing.jpg: error: no such file" in capsys.readouterr().out
 
 
 def test_incompatible_checkpoint_is_refused_and_untouched(trained):

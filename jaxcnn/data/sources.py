@@ -85,7 +85,8 @@ def load_data(dataset: str = "cifar10", data_dir: Optional[str] = None, *, image
         limit_per_class=limit_per_class, cache_dir=cache)
     if skipped:
         # One warning for the whole load, not one per file: a stray folder can hold thousands.
-        warnings.warn(f"skipped {len(skipped)} unreadable or non-image files, e.g. {skipped[:3]}",
+        warnings.warn(f"skipped {len(skipped)} unreadable or non-image files, e.g. "
+                      f"{', '.join(str(p) for p in skipped[:3])}",
                       stacklevel=2)
     val = None
     if val_fraction > 0:

@@ -58,4 +58,23 @@ def create_model(name: str, num_classes: int | None = None, **overrides) -> nn.M
         `growth_rate=...`, `remat=True`).
     """
     info = model_info(name)
-    return info.fn(num_classes=info.num_classes if num_classes is None else num_classes, **overrides)
+    num_classes = info.num_classes if num_classes is None else num_classes
+    try:
+        return info.fn(num_classes=num_classes, **overrides)
+    except TypeError as e:
+        # A misspelt override would otherwise surface as a dataclass __init__ TypeError.
+        fields = model_fields(name)
+        unknown = sorted(set(overrides) - set(fields))
+        if not unknown:
+            raise
+        hints = [f"{u!r} (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(u, fields, n=1))
+                 else repr(u) for u in unknown]
+        raise ValueError(f"model {name!r} has no field {', '.join(hints)}. Its fields: "
+                         f"{', '.join(fields)}") from e
+
+
+def model_fields(name: str) -> List[str]:
+    """The fields of `name`'s module that `create_model` accepts as overrides, sorted."""
+    info = model_info(name)
+    module = info.fn(num_classes=info.num_classes)
+    return sorted(f.name for f in dataclasses.fields(module) if f.init and f.name not in ("parent", "name"))

@@ -4,12 +4,15 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import os
+import sys
 import typing
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from jaxcnn.train.config import TrainConfig
 from jaxcnn.train.recipes import RECIPES, build_config
 
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # .../jaxcnn/
 _GROUPS = ("model", "data", "augmentation", "optimization", "hardware", "run")
 
 
@@ -128,6 +131,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = No
     try:
         config = build_config(recipe, base=base, **ns)
         config.validate()
+        from jaxcnn.models import create_model
+        create_model(config.model, config.num_classes, **config.model_kwargs)  # names unknown fields
         if config.devices is not None:
             import jax
             n = jax.local_device_count()
@@ -145,10 +150,26 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None, de
     config, typed = parse_args(argv, prog=prog, description=description, defaults=defaults,
                                required=required)
     from jaxcnn.train.loop import EVAL_OVERRIDABLE, evaluate, train_and_evaluate
-    if config.eval_only:
-        res = evaluate(config.checkpoint, overrides={k: getattr(config, k) for k in typed
-                                                     if k in EVAL_OVERRIDABLE})
-        return 0 if res["count"] else 1
-    train_and_evaluate(config)
+    try:
+        if config.eval_only:
+            res = evaluate(config.checkpoint, overrides={k: getattr(config, k) for k in typed
+                                                         if k in EVAL_OVERRIDABLE})
+            return 0 if res["count"] else 1
+        train_and_evaluate(config)
+    except (ValueError, OSError, FloatingPointError) as e:
+        # jaxcnn's own errors name the problem and the fix: print just that. Anything raised
+        # elsewhere (a library, a bug) keeps its traceback, as does JAXCNN_TRACEBACK=1.
+        if os.environ.get("JAXCNN_TRACEBACK") or not raised_by_jaxcnn(e):
+            raise
+        print(f"{prog or 'jaxcnn'}: error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, FloatingPointError) else 2
     return 0
+
+
+def raised_by_jaxcnn(e: BaseException) -> bool:
+    """Whether the innermost frame of `e`'s traceback is in the jaxcnn package."""
+    tb, last = e.__traceback__, None
+    while tb is not None:
+        last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    return last is not None and os.path.abspath(last).startswith(_PACKAGE)
 

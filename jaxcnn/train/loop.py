@@ -67,6 +67,23 @@ def build_model(config: TrainConfig, num_classes: int):
                         **config.model_kwargs)
 
 
+def _native_size(model: str) -> int:
+    from jaxcnn.models import model_info
+    return model_info(model).image_size
+
+
+def check_workdir(workdir: str) -> None:
+    """Refuse a work directory that cannot be written before any data is read or step compiled."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"workdir {workdir} is a file, not a folder; pass --workdir a folder path")
+    parent = workdir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"workdir {workdir}: {parent} is not writable; pass --workdir a folder "
+                         "you can write to")
+
+
 def build(config: TrainConfig, data, *, init: bool = True) -> Run:
     """Model, optimizer, mesh, (abstract) state and jitted steps for `config` on `data`."""
     num_classes = data.num_classes
@@ -100,7 +117,13 @@ def build(config: TrainConfig, data, *, init: bool = True) -> Run:
         return create_train_state(model, tx, image_size=image_size, seed=config.seed,
                                   precision=config.precision, ema=config.ema_decay > 0, dtype=dtype)
 
-    abstract = jax.eval_shape(init_fn)
+    try:
+        abstract = jax.eval_shape(init_fn)
+    except (TypeError, ValueError) as e:  # e.g. model_kwargs of the wrong type, images too small
+        kw = f" with model_kwargs {config.model_kwargs}" if config.model_kwargs else ""
+        raise ValueError(f"cannot build {config.model} for {image_size}x{image_size} images{kw}: "
+                         f"{type(e).__name__}: {e}\nCheck --model-kwargs and --image-size "
+                         f"(the model's native size is {_native_size(config.model)} px).") from e
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
     state = jax.jit(init_fn, out_shardings=repl) if init else None
     counter = TraceCounter()
@@ -305,6 +328,7 @@ def train_and_evaluate(config: TrainConfig, *, data=None) -> Dict[str, Any]:
     config = config.validate()
     workdir = os.path.abspath(config.resolved_workdir)
     config = config.replace(workdir=workdir)
+    check_workdir(workdir)
     print(describe(config), flush=True)
     if data is None:
         data = load_data_for(config)

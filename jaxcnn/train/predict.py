@@ -1,6 +1,7 @@
 """Top-k predictions of a saved model for image files."""
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -84,7 +85,7 @@ class Predictor:
         k = min(top_k, len(self.class_names))
         for i, p in enumerate(paths):
             if decoded[i] is None:
-                results.append((p, "not a readable image"))
+                results.append((p, "not a readable image" if os.path.isfile(p) else "no such file"))
                 continue
             row = probs[ok.index(i)]
             top = np.argsort(-row)[:k]
