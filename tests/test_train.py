@@ -382,8 +382,11 @@ def test_incompatible_checkpoint_is_refused_and_untouched(trained):
     assert after == before
 
 
-def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     train_and_evaluate(config(tmp_path, epochs=1), data=splits())
+    # (16 px images for a 32 px model: the run says so and how to resize)
+    assert "note: simple_cnn is built for 32 px images and these are 16 px; pass --image-size 32" \
+        in capsys.readouterr().out
     # Resume with an absurd learning rate: step 7 (epoch 2's first) blows the weights up, so the
     # loss of step 8 is NaN.
     with pytest.raises(NonFiniteLossError, match=r"at step 8 \(epoch 2, batch 2 of 6\).*epoch 1\) is kept"):

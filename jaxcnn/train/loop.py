@@ -67,6 +67,12 @@ def build_model(config: TrainConfig, num_classes: int):
                         **config.model_kwargs)
 
 
+def list_models_near(model: str) -> List[str]:
+    """Registered models whose name starts with `model` (resdensenet -> resdensenet_cifar)."""
+    from jaxcnn.models import list_models
+    return [n for n in list_models() if n != model and n.startswith(model)]
+
+
 def _native_size(model: str) -> int:
     from jaxcnn.models import model_info
     return model_info(model).image_size
@@ -355,6 +361,11 @@ def train_and_evaluate(config: TrainConfig, *, data=None) -> Dict[str, Any]:
     chooses = [k for k, on in (("the best epoch", config.keep_best),
                                ("plateau decay", config.plateau_patience > 0),
                                ("early stopping", config.early_stopping_patience > 0)) if on]
+    native = _native_size(config.model)
+    if run.image_size * 2 <= native:  # legal, but rarely meant: say how to get what was meant
+        small = [n for n in list_models_near(config.model) if _native_size(n) <= run.image_size]
+        print(f"note: {config.model} is built for {native} px images and these are {run.image_size} px; "
+              f"pass --image-size {native} to resize them" + (f", or use {small[0]}" if small else ""))
     if ev_name == "test" and chooses:
         print(f"warning: no validation split (--val-fraction 0): {', '.join(chooses)} "
               "will be chosen on the test set")
