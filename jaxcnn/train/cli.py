@@ -5,6 +5,7 @@ import argparse
 import ast
 import dataclasses
 import os
+import signal
 import sys
 import typing
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
@@ -155,7 +156,12 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None, de
             res = evaluate(config.checkpoint, overrides={k: getattr(config, k) for k in typed
                                                          if k in EVAL_OVERRIDABLE})
             return 0 if res["count"] else 1
-        train_and_evaluate(config)
+        train_and_evaluate(config, exit_on_second_interrupt=True)
+    except KeyboardInterrupt:  # train_and_evaluate has said what was kept and how to resume
+        # Another Ctrl-C during the interpreter's teardown could land under XLA (see
+        # loop.StopOnInterrupt) and hang it: end the process instead.
+        signal.signal(signal.SIGINT, lambda *_: os._exit(128 + signal.SIGINT))
+        return 128 + signal.SIGINT
     except (ValueError, OSError, FloatingPointError) as e:
         # jaxcnn's own errors name the problem and the fix: print just that. Anything raised
         # elsewhere (a library, a bug) keeps its traceback, as does JAXCNN_TRACEBACK=1.

@@ -5,6 +5,9 @@ import copy
 import itertools
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -30,6 +33,58 @@ MAX_CONSECUTIVE_SKIPS = 25
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or Inf; the message names the step."""
+
+
+class StopOnInterrupt:
+    """Ctrl-C (SIGINT) during training as a request to stop: the loop stops at the next step
+    boundary, once the step in flight has finished, and raises KeyboardInterrupt from there; a
+    second Ctrl-C raises KeyboardInterrupt where it lands or, with `exit_on_second`, ends the
+    process at once (os._exit, like SIGKILL: finished checkpoints stay whole, tests/test_train.py). Why not let KeyboardInterrupt fly from anywhere: jaxcnn's oneDNN
+    and BatchNorm kernels (jaxcnn.dnnl, jaxcnn.bnorm) are called back through Python inside XLA's
+    computations, and an interpreter that exits while one of them is in flight hangs in XLA's
+    teardown (2 of 8 Ctrl-Cs at random moments did). Installed only from the main thread and over
+    Python's default handler: a handler of the user's own, or SIGINT ignored, stays as it is."""
+
+    def __init__(self, exit_on_second: bool = False):
+        self.requested = False
+        self.exit_on_second = exit_on_second
+        self._old = None
+
+    def __enter__(self) -> "StopOnInterrupt":
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            if not self.exit_on_second:
+                raise KeyboardInterrupt
+            print("\nSecond Ctrl-C: stopping now.", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(128 + signal.SIGINT)
+        self.requested = True
+        print("\nCtrl-C: stopping after the step in flight (press it again to stop at once).",
+              file=sys.stderr, flush=True)
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt("stopped by Ctrl-C")
+
+
+def _settle(*trees) -> None:
+    """Wait for the computations that produce `trees` (errors ignored: a failed or donated array
+    has nothing left to wait for), so that no step is still running when an exception leaves."""
+    for leaf in jax.tree.leaves(trees):
+        try:
+            leaf.block_until_ready()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 # ----------------------------------------------------------------------------- setup
@@ -147,7 +202,8 @@ def build(config: TrainConfig, data, *, init: bool = True) -> Run:
 
 
 # ----------------------------------------------------------------------------- epochs
-def evaluate_dataset(run: Run, state: TrainState, ds) -> Dict[str, Any]:
+def evaluate_dataset(run: Run, state: TrainState, ds, stop: Optional[StopOnInterrupt] = None
+                     ) -> Dict[str, Any]:
     """Loss, accuracy and predictions of `state` on an ArrayDataset (every example counted once)."""
     from jaxcnn.data import Loader, prefetch, shard_batch
     loader = Loader(ds, run.config.eval_batch_size or run.config.batch_size, shuffle=False, drop_last=False)
@@ -161,14 +217,17 @@ def evaluate_dataset(run: Run, state: TrainState, ds) -> Dict[str, Any]:
         mask = np.asarray(batch["mask"])
         loss += float(m["loss_sum"]); correct += float(m["correct"]); count += float(m["count"])
         preds.append(np.asarray(m["pred"])[mask])
+        if stop is not None:
+            stop.check()
     release_free_memory()  # the eval step's compiler garbage (first call), before training goes on
     return dict(loss=loss / max(count, 1), acc=correct / max(count, 1), count=int(count),
                 predictions=np.concatenate(preds) if preds else np.zeros(0, np.int64))
 
 
-def train_epoch(run: Run, state: TrainState, epoch: int, loop: Dict[str, Any], last_good: str
-                ) -> Tuple[TrainState, Dict[str, float]]:
-    """One epoch (0-based `epoch`). Raises NonFiniteLossError naming the step if the loss breaks."""
+def train_epoch(run: Run, state: TrainState, epoch: int, loop: Dict[str, Any], last_good: str,
+                stop: Optional[StopOnInterrupt] = None) -> Tuple[TrainState, Dict[str, float]]:
+    """One epoch (0-based `epoch`). Raises NonFiniteLossError naming the step if the loss breaks,
+    KeyboardInterrupt if `stop` was requested; either only once the step in flight has finished."""
     from tqdm.auto import tqdm
     from jaxcnn.data import Loader, prefetch, shard_batch
     cfg = run.config
@@ -224,8 +283,13 @@ def train_epoch(run: Run, state: TrainState, epoch: int, loop: Dict[str, Any], l
             if pending is not None:  # read step i-1 while step i runs: keeps the device busy
                 consume(*pending)
             pending = (i, metrics)
+            if stop is not None:
+                stop.check()
         if pending is not None:
             consume(*pending)
+    except BaseException:
+        _settle(state, pending)  # the step dispatched last may still be running
+        raise
     finally:
         bar.close()
         batches.close()
@@ -314,13 +378,16 @@ def _restore_or_init(run: Run, store: CheckpointStore, cfg_dict: Dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- entry points
-def train_and_evaluate(config: TrainConfig, *, data=None) -> Dict[str, Any]:
+def train_and_evaluate(config: TrainConfig, *, data=None, exit_on_second_interrupt: bool = False
+                       ) -> Dict[str, Any]:
     """Train `config` (resuming from its work directory when it holds checkpoints), evaluate the
     test set with the best (or last) model and write the run's report.
 
     Args:
       config: the run; see TrainConfig.
       data: DataSplits to use instead of loading `config`'s data set (tests).
+      exit_on_second_interrupt: a second Ctrl-C while the first is being honoured ends the
+        process at once (the command line's choice); otherwise it raises KeyboardInterrupt.
 
     Returns:
       The summary written to summary.json.
@@ -328,6 +395,7 @@ def train_and_evaluate(config: TrainConfig, *, data=None) -> Dict[str, Any]:
     Raises:
       IncompatibleCheckpointError: the work directory holds another model's checkpoints.
       NonFiniteLossError: the loss became NaN/Inf (the message names the step).
+      KeyboardInterrupt: Ctrl-C; the run stops at the next step, the finished checkpoints kept.
     """
     from jaxcnn.train.report import Reporter
     t_wall = time.perf_counter()
@@ -372,43 +440,17 @@ def train_and_evaluate(config: TrainConfig, *, data=None) -> Dict[str, Any]:
     data_meta = dict(class_names=list(data.class_names), image_size=run.image_size, mean=list(run.mean),
                      std=list(run.std), source=data.source)
     reporter = Reporter(workdir, data.class_names, resume=resumed)
+    stop = StopOnInterrupt(exit_on_second_interrupt)
     try:
-        while loop["epoch"] < config.epochs and not loop["stopped_early"]:
-            epoch = loop["epoch"]
-            last_good = (f"The last good checkpoint (epoch {epoch}) is kept in {store.directory}."
-                         if epoch else "No checkpoint was written.")
-            t0 = time.perf_counter()
-            state, tr = train_epoch(run, state, epoch, loop, last_good)
-            ev = evaluate_dataset(run, state, ev_ds)
-            loop["epoch"] = epoch + 1
-            loop["skipped_steps"] += tr["skipped_steps"]
-            loop["train_time"] += tr["train_time"]
-            loop["epoch_images_per_sec"].append(tr["images_per_sec"])
-            if loop["best_val_acc"] is None or ev["acc"] >= loop["best_val_acc"]:
-                # ties go to the later epoch, as Orbax's best_step() does
-                loop["best_val_acc"], loop["best_epoch"] = ev["acc"], epoch + 1
-            state = update_callbacks(run, state, loop, {"val_loss": ev["loss"], "val_acc": ev["acc"]})
-            record = dict(epoch=epoch + 1, train_loss=tr["train_loss"], train_acc=tr["train_acc"],
-                          **{f"{ev_name}_loss": ev["loss"], f"{ev_name}_acc": ev["acc"]},
-                          lr=current_lr(run, state), images_per_sec=tr["images_per_sec"],
-                          epoch_time=time.perf_counter() - t0, grad_norm=tr["grad_norm"],
-                          update_norm=tr["update_norm"], param_norm=tr["param_norm"])
-            if config.precision == "fp16":
-                record.update(skipped_steps=tr["skipped_steps"], loss_scale=float(state.loss_scale.scale))
-            # a copy: Orbax may serialise the meta after `loop` has moved on to the next epoch
-            store.save(epoch + 1, state, copy.deepcopy(dict(epoch=epoch + 1, loop=loop, config=cfg_dict,
-                                                            data=data_meta)), ev["acc"])
-            reporter.log_epoch(record)
-        store.wait()
-        final_epoch = loop["epoch"]
-        best = store.best_epoch()
-        if config.keep_best and best is not None and best != final_epoch:
-            print(f"Restoring the best epoch {best} ({ev_name} accuracy {100 * loop['best_val_acc']:.1f}%)")
-            state, _ = store.restore(best, run.abstract_state)
-        used_epoch = best if (config.keep_best and best is not None) else final_epoch
-        test = evaluate_dataset(run, state, data.test)
-        print(f"Test accuracy {100 * test['acc']:.2f}% (loss {test['loss']:.4f}) on {test['count']} images, "
-              f"model of epoch {used_epoch}")
+        with stop:
+            state, test, used_epoch = _epochs(run, state, loop, store, reporter, stop, cfg_dict,
+                                              data_meta, ev_name, ev_ds)
+    except KeyboardInterrupt:
+        done = loop["epoch"]
+        print(f"\nStopped by Ctrl-C after {done} completed epoch(s). " +
+              (f"The checkpoint of epoch {done} is kept in {store.directory}; run the same command "
+               "again to resume from it." if done else "No checkpoint was written."), flush=True)
+        raise
     finally:
         store.close()
     ips = loop["epoch_images_per_sec"]  # each epoch's first step (compilation) is not timed
@@ -424,6 +466,49 @@ def train_and_evaluate(config: TrainConfig, *, data=None) -> Dict[str, Any]:
         skipped_steps=loop["skipped_steps"], compilations=dict(run.counter.counts),
         workdir=workdir, config=cfg_dict)
     return reporter.finish(summary, predictions=test["predictions"], labels=data.test.labels)
+
+
+def _epochs(run: Run, state: TrainState, loop: Dict[str, Any], store: CheckpointStore, reporter,
+            stop: StopOnInterrupt, cfg_dict: dict, data_meta: dict, ev_name: str, ev_ds):
+    """The epochs still to run, then the test set on the chosen epoch: (state, test, epoch)."""
+    config = run.config
+    while loop["epoch"] < config.epochs and not loop["stopped_early"]:
+        epoch = loop["epoch"]
+        last_good = (f"The last good checkpoint (epoch {epoch}) is kept in {store.directory}."
+                     if epoch else "No checkpoint was written.")
+        t0 = time.perf_counter()
+        state, tr = train_epoch(run, state, epoch, loop, last_good, stop)
+        ev = evaluate_dataset(run, state, ev_ds, stop)
+        loop["epoch"] = epoch + 1
+        loop["skipped_steps"] += tr["skipped_steps"]
+        loop["train_time"] += tr["train_time"]
+        loop["epoch_images_per_sec"].append(tr["images_per_sec"])
+        if loop["best_val_acc"] is None or ev["acc"] >= loop["best_val_acc"]:
+            # ties go to the later epoch, as Orbax's best_step() does
+            loop["best_val_acc"], loop["best_epoch"] = ev["acc"], epoch + 1
+        state = update_callbacks(run, state, loop, {"val_loss": ev["loss"], "val_acc": ev["acc"]})
+        record = dict(epoch=epoch + 1, train_loss=tr["train_loss"], train_acc=tr["train_acc"],
+                      **{f"{ev_name}_loss": ev["loss"], f"{ev_name}_acc": ev["acc"]},
+                      lr=current_lr(run, state), images_per_sec=tr["images_per_sec"],
+                      epoch_time=time.perf_counter() - t0, grad_norm=tr["grad_norm"],
+                      update_norm=tr["update_norm"], param_norm=tr["param_norm"])
+        if config.precision == "fp16":
+            record.update(skipped_steps=tr["skipped_steps"], loss_scale=float(state.loss_scale.scale))
+        # a copy: Orbax may serialise the meta after `loop` has moved on to the next epoch
+        store.save(epoch + 1, state, copy.deepcopy(dict(epoch=epoch + 1, loop=loop, config=cfg_dict,
+                                                        data=data_meta)), ev["acc"])
+        reporter.log_epoch(record)
+    store.wait()
+    final_epoch = loop["epoch"]
+    best = store.best_epoch()
+    if config.keep_best and best is not None and best != final_epoch:
+        print(f"Restoring the best epoch {best} ({ev_name} accuracy {100 * loop['best_val_acc']:.1f}%)")
+        state, _ = store.restore(best, run.abstract_state)
+    used_epoch = best if (config.keep_best and best is not None) else final_epoch
+    test = evaluate_dataset(run, state, run.data.test, stop)
+    print(f"Test accuracy {100 * test['acc']:.2f}% (loss {test['loss']:.4f}) on {test['count']} images, "
+          f"model of epoch {used_epoch}")
+    return state, test, used_epoch
 
 
 EVAL_OVERRIDABLE = ("dataset", "data_dir", "cache_dir", "limit_per_class", "batch_size", "eval_batch_size",
