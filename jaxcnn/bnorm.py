@@ -156,7 +156,7 @@ _BWD_HANDLER = dnnl.ffi_handler("batch norm gradient", _run_backward)
 def _registered() -> bool:
     jax.ffi.register_ffi_target(FWD_TARGET, jax.ffi.pycapsule(_FWD_HANDLER), platform="cpu")
     jax.ffi.register_ffi_target(BWD_TARGET, jax.ffi.pycapsule(_BWD_HANDLER), platform="cpu")
-    return True
+    return dnnl.settle_at_exit()
 
 
 def _config(eps: float, flags: int) -> tuple:

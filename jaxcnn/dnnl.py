@@ -36,6 +36,7 @@ device on its shard of the batch, followed by a psum (`onednn.rows_summed`).
 from __future__ import annotations
 
 import contextlib
+import atexit
 import ctypes
 import ctypes.util
 import functools
@@ -614,10 +615,31 @@ def _run_weight_grad(frame, args, rets):
 _HANDLER = ffi_handler("weight gradient", _run_weight_grad)  # kept alive: XLA holds its address
 
 
+def _settle_live_arrays() -> None:
+    """Wait for the computations behind every live array (errors ignored)."""
+    for a in jax.live_arrays():
+        try:
+            a.block_until_ready()
+        except Exception:  # noqa: BLE001 (deleted, donated or failed: nothing to wait for)
+            pass
+
+
+@functools.lru_cache(maxsize=None)
+def settle_at_exit() -> bool:
+    """Have the interpreter wait, when it exits, for the computations still running. Handlers made
+    by `ffi_handler` run Python inside XLA's computations; a script that ends with a step in
+    flight (its outputs unread) tore the interpreter down under them, and XLA's client then waited
+    forever for that step in its destructor (4 of 4 runs hung). atexit runs this before jax's own
+    clean-up (registered earlier, run later) and while Python still runs the handlers. It cannot
+    see a computation whose outputs were all dropped; jaxcnn's training loop waits for its own."""
+    atexit.register(_settle_live_arrays)
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def _registered() -> bool:
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(_HANDLER), platform="cpu")
-    return True
+    return settle_at_exit()
 
 
 _wgrad_p = onednn._primitive("jaxcnn_dnnl_weight_grad")

@@ -203,3 +203,36 @@ def test_no_split_with_several_devices():
                          env={**os.environ, "XLA_FLAGS": flags})
     assert out.stdout.strip().splitlines()[-1] == "False None", out.stderr[-2000:]
     assert dnnl._splits() == (os.environ.get("JAXCNN_DNNL_SPLIT", "1") != "0")  # this process: 1 device
+
+
+_EXIT_IN_FLIGHT = """
+import jax, numpy as np
+from jaxcnn.models import create_model
+from jaxcnn.train import TrainConfig
+from jaxcnn.train.optim import make_optimizer
+from jaxcnn.train.state import create_train_state
+from jaxcnn.train.step import make_train_step
+model = create_model("simple_cnn", num_classes=4)
+tx, _ = make_optimizer(TrainConfig(optimizer="adamw", learning_rate=1e-3), 10)
+state = jax.jit(lambda: create_train_state(model, tx, image_size=32, seed=0))()
+step = make_train_step(num_classes=4, mean=(120.,) * 3, std=(64.,) * 3, augment=None)
+r = np.random.default_rng(0)
+batch = {"image": r.integers(0, 255, (64, 32, 32, 3), dtype=np.uint8),
+         "label": r.integers(0, 4, 64).astype(np.int32), "mask": np.ones(64, bool)}
+state, m = step(state, batch)
+jax.block_until_ready(m)
+for _ in range(3):
+    state, m = step(state, batch)  # still running when the script ends
+"""
+
+
+def test_a_script_ending_with_steps_in_flight_exits():
+    """The steps' oneDNN calls run Python inside XLA: without dnnl.settle_at_exit the interpreter
+    tore down under them and hung in XLA's client destructor (3 of 3 runs of this script)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    try:
+        r = subprocess.run([sys.executable, "-c", _EXIT_IN_FLIGHT], env=env, capture_output=True,
+                           text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the script did not exit within 120 s")
+    assert r.returncode == 0, r.stderr[-2000:]
