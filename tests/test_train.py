@@ -186,6 +186,14 @@ def test_model_that_cannot_be_built_names_the_kwargs_and_size(tmp_path):
         build(config(tmp_path, model_kwargs=dict(hidden="abc")), splits(), init=False)
 
 
+def test_data_too_small_for_a_run_is_refused_with_the_fix(tmp_path):
+    from jaxcnn.train.loop import build
+    with pytest.raises(ValueError, match=r"has 1 class \(a\); a classifier needs at least two"):
+        build(config(tmp_path), splits(classes=1), init=False)
+    with pytest.raises(ValueError, match=r"larger than the 192 training images; pass --batch-size 192"):
+        build(config(tmp_path, batch_size=256), splits(), init=False)
+
+
 def test_python_m_jaxcnn_summary(capsys):
     from jaxcnn.__main__ import main
     assert main(["summary", "simple_cnn", "--num-classes", "4", "--image-size", "16"]) == 0

@@ -160,9 +160,12 @@ def build(config: TrainConfig, data, *, init: bool = True) -> Run:
         if bs % n_dev:
             raise ValueError(f"{what}={bs} is not divisible by the {n_dev} devices in use; "
                              f"pick a multiple of {n_dev} or --devices")
+    if num_classes < 2:
+        raise ValueError(f"{data.source} has {num_classes} class ({', '.join(data.class_names)}); a "
+                         "classifier needs at least two, one sub-folder of images each")
     if len(data.train) < config.batch_size:
         raise ValueError(f"batch_size={config.batch_size} is larger than the {len(data.train)} "
-                         "training images")
+                         f"training images; pass --batch-size {len(data.train)} or less, or more data")
     from jaxcnn.data import Loader
     steps = Loader(data.train, config.batch_size, shuffle=True, drop_last=True, seed=config.seed).steps_per_epoch
     if config.steps_per_epoch:
