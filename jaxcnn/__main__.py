@@ -43,8 +43,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             summary(create_model(args.name, num_classes=args.num_classes), (size, size, 3),
                     batch_size=args.batch_size)
         except (TypeError, ValueError) as e:  # e.g. an image too small for the model's strides
-            print(f"jaxcnn summary: error: cannot build {args.name} for {size}x{size} images "
-                  f"({type(e).__name__}: {e}); its native size is {info.image_size} px", file=sys.stderr)
+            from jaxcnn.models.registry import build_error
+            print(f"jaxcnn summary: error: {build_error(args.name, size, e)}", file=sys.stderr)
             return 2
         return 0
     if args.command == "predict":

@@ -35,8 +35,8 @@ device on its shard of the batch, followed by a psum (`onednn.rows_summed`).
 """
 from __future__ import annotations
 
-import contextlib
 import atexit
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -615,12 +615,14 @@ def _run_weight_grad(frame, args, rets):
 _HANDLER = ffi_handler("weight gradient", _run_weight_grad)  # kept alive: XLA holds its address
 
 
-def _settle_live_arrays() -> None:
-    """Wait for the computations behind every live array (errors ignored)."""
-    for a in jax.live_arrays():
+def settle(tree) -> None:
+    """Wait for the computations that produce `tree`'s arrays, errors ignored (a deleted, donated
+    or failed array has nothing left to wait for). Whoever may leave the interpreter with a step
+    still running calls this first: see `settle_at_exit`."""
+    for leaf in jax.tree.leaves(tree):
         try:
-            a.block_until_ready()
-        except Exception:  # noqa: BLE001 (deleted, donated or failed: nothing to wait for)
+            leaf.block_until_ready()
+        except Exception:  # noqa: BLE001
             pass
 
 
@@ -632,7 +634,7 @@ def settle_at_exit() -> bool:
     forever for that step in its destructor (4 of 4 runs hung). atexit runs this before jax's own
     clean-up (registered earlier, run later) and while Python still runs the handlers. It cannot
     see a computation whose outputs were all dropped; jaxcnn's training loop waits for its own."""
-    atexit.register(_settle_live_arrays)
+    atexit.register(lambda: settle(jax.live_arrays()))
     return True
 
 

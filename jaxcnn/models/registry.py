@@ -73,6 +73,16 @@ def create_model(name: str, num_classes: int | None = None, **overrides) -> nn.M
                          f"{', '.join(fields)}") from e
 
 
+def build_error(name: str, image_size: int, err: Exception, model_kwargs=None) -> ValueError:
+    """The error for a model that could not be built (traced) for `image_size` px images: `err`
+    (e.g. a kwarg of the wrong type, an image too small for the strides) and what to check."""
+    kw = f" with model_kwargs {model_kwargs}" if model_kwargs else ""
+    check = "--model-kwargs and --image-size" if model_kwargs else "--image-size"
+    return ValueError(f"cannot build {name} for {image_size}x{image_size} images{kw}: "
+                      f"{type(err).__name__}: {err}\nCheck {check} (the model's native size is "
+                      f"{model_info(name).image_size} px).")
+
+
 def model_fields(name: str) -> List[str]:
     """The fields of `name`'s module that `create_model` accepts as overrides, sorted."""
     info = model_info(name)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcnn._malloc import release_free_memory
+from jaxcnn.dnnl import settle
 from jaxcnn.layers import recomputes
 from jaxcnn.train.checkpoint import CheckpointStore, open_for_reading, write_json_atomic
 from jaxcnn.train.config import TrainConfig
@@ -39,10 +40,12 @@ class StopOnInterrupt:
     """Ctrl-C (SIGINT) during training as a request to stop: the loop stops at the next step
     boundary, once the step in flight has finished, and raises KeyboardInterrupt from there; a
     second Ctrl-C raises KeyboardInterrupt where it lands or, with `exit_on_second`, ends the
-    process at once (os._exit, like SIGKILL: finished checkpoints stay whole, tests/test_train.py). Why not let KeyboardInterrupt fly from anywhere: jaxcnn's oneDNN
-    and BatchNorm kernels (jaxcnn.dnnl, jaxcnn.bnorm) are called back through Python inside XLA's
-    computations, and an interpreter that exits while one of them is in flight hangs in XLA's
-    teardown (2 of 8 Ctrl-Cs at random moments did). Installed only from the main thread and over
+    process at once (os._exit, like SIGKILL: finished checkpoints stay whole, tests/test_train.py).
+    Why not let KeyboardInterrupt fly from anywhere: jaxcnn's oneDNN and BatchNorm kernels
+    (jaxcnn.dnnl, jaxcnn.bnorm) are called back through Python inside XLA's computations, and an
+    interpreter that exits while one of them is in flight hangs in XLA's teardown (2 of 8 Ctrl-Cs
+    at random moments did; jaxcnn.dnnl.settle_at_exit cannot see a step whose outputs were
+    never returned). Installed only from the main thread and over
     Python's default handler: a handler of the user's own, or SIGINT ignored, stays as it is."""
 
     def __init__(self, exit_on_second: bool = False):
@@ -75,16 +78,6 @@ class StopOnInterrupt:
     def check(self) -> None:
         if self.requested:
             raise KeyboardInterrupt("stopped by Ctrl-C")
-
-
-def _settle(*trees) -> None:
-    """Wait for the computations that produce `trees` (errors ignored: a failed or donated array
-    has nothing left to wait for), so that no step is still running when an exception leaves."""
-    for leaf in jax.tree.leaves(trees):
-        try:
-            leaf.block_until_ready()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 # ----------------------------------------------------------------------------- setup
@@ -120,17 +113,6 @@ def build_model(config: TrainConfig, num_classes: int):
     from jaxcnn.models import create_model
     return create_model(config.model, num_classes=num_classes, dtype=compute_dtype(config.precision),
                         **config.model_kwargs)
-
-
-def list_models_near(model: str) -> List[str]:
-    """Registered models whose name starts with `model` (resdensenet -> resdensenet_cifar)."""
-    from jaxcnn.models import list_models
-    return [n for n in list_models() if n != model and n.startswith(model)]
-
-
-def _native_size(model: str) -> int:
-    from jaxcnn.models import model_info
-    return model_info(model).image_size
 
 
 def check_workdir(workdir: str) -> None:
@@ -184,10 +166,8 @@ def build(config: TrainConfig, data, *, init: bool = True) -> Run:
     try:
         abstract = jax.eval_shape(init_fn)
     except (TypeError, ValueError) as e:  # e.g. model_kwargs of the wrong type, images too small
-        kw = f" with model_kwargs {config.model_kwargs}" if config.model_kwargs else ""
-        raise ValueError(f"cannot build {config.model} for {image_size}x{image_size} images{kw}: "
-                         f"{type(e).__name__}: {e}\nCheck --model-kwargs and --image-size "
-                         f"(the model's native size is {_native_size(config.model)} px).") from e
+        from jaxcnn.models.registry import build_error
+        raise build_error(config.model, image_size, e, config.model_kwargs) from e
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
     state = jax.jit(init_fn, out_shardings=repl) if init else None
     counter = TraceCounter()
@@ -291,7 +271,7 @@ def train_epoch(run: Run, state: TrainState, epoch: int, loop: Dict[str, Any], l
         if pending is not None:
             consume(*pending)
     except BaseException:
-        _settle(state, pending)  # the step dispatched last may still be running
+        settle((state, pending))  # the step dispatched last may still be running
         raise
     finally:
         bar.close()
@@ -432,9 +412,11 @@ def train_and_evaluate(config: TrainConfig, *, data=None, exit_on_second_interru
     chooses = [k for k, on in (("the best epoch", config.keep_best),
                                ("plateau decay", config.plateau_patience > 0),
                                ("early stopping", config.early_stopping_patience > 0)) if on]
-    native = _native_size(config.model)
+    from jaxcnn.models import list_models, model_info
+    native = model_info(config.model).image_size
     if run.image_size * 2 <= native:  # legal, but rarely meant: say how to get what was meant
-        small = [n for n in list_models_near(config.model) if _native_size(n) <= run.image_size]
+        small = [n for n in list_models()  # resdensenet -> resdensenet_cifar
+                 if n.startswith(config.model) and model_info(n).image_size <= run.image_size]
         print(f"note: {config.model} is built for {native} px images and these are {run.image_size} px; "
               f"pass --image-size {native} to resize them" + (f", or use {small[0]}" if small else ""))
     if ev_name == "test" and chooses:
