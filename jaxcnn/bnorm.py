@@ -8,7 +8,7 @@ way. oneDNN's kernels read bf16 directly and fuse the ReLU. Batch 128, [32, 32, 
 normalise, ReLU) 2.7; the backward (both channel sums and dx, ReLU mask included) 40-50 by XLA,
 3.7 by oneDNN.
 
-Calls, as XLA typed-FFI custom calls whose handler is a ctypes function (see jaxcnn.dnnl):
+Calls, as XLA typed-FFI custom calls (handlers compiled, jaxcnn.native, or ctypes, jaxcnn.dnnl):
   forward(x, scale, shift)              -> y, mean, var, workspace   (batch statistics)
   forward(x, scale, shift, mean, var)   -> y, workspace              (given statistics)
   backward(x, g, mean, var, scale, ws)  -> dx, d_scale, d_shift
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import mlir
 
-from jaxcnn import dnnl, onednn
+from jaxcnn import dnnl, native, onednn
 
 # oneDNN 3.x constants (dnnl_types.h): normalization flags, propagation kinds, argument indices
 GLOBAL_STATS, _USE_SCALE, _USE_SHIFT, RELU = 0x1, 0x2, 0x4, 0x8
@@ -127,25 +127,49 @@ def _key_of(x, config) -> tuple:
             eps, flags)
 
 
-def _run_forward(frame, args, rets):
-    key = _key_of(args[0], args[-1])
-    a = dict(x=args[0].data, scale=args[1].data, shift=args[2].data, y=rets[0].data)
-    if key[3] & GLOBAL_STATS:
-        a.update(mean=args[3].data, var=args[4].data)
+def _operands(flags: int, direction: str) -> dict:
+    """Which buffer each of a plan's memories points at: name -> (native.ARG or native.RET, index)."""
+    A, R = native.ARG, native.RET
+    if direction == "forward":
+        where = dict(x=(A, 0), scale=(A, 1), shift=(A, 2), y=(R, 0))
+        where.update(dict(mean=(A, 3), var=(A, 4)) if flags & GLOBAL_STATS else dict(mean=(R, 1), var=(R, 2)))
+        if flags & RELU:
+            where["ws"] = (R, 1 if flags & GLOBAL_STATS else 3)
     else:
-        a.update(mean=rets[1].data, var=rets[2].data)
-    if key[3] & RELU:
-        a["ws"] = rets[-1].data
-    _plans().run(key, "forward", a)
+        where = dict(x=(A, 0), g=(A, 1), mean=(A, 2), var=(A, 3), scale=(A, 4), dx=(R, 0), d_scale=(R, 1),
+                     d_shift=(R, 2))
+        if flags & RELU:
+            where["ws"] = (A, 5)
+    return where
 
 
-def _run_backward(frame, args, rets):
-    key = _key_of(args[0], args[-1])
-    a = dict(x=args[0].data, g=args[1].data, mean=args[2].data, var=args[3].data, scale=args[4].data,
-             dx=rets[0].data, d_scale=rets[1].data, d_shift=rets[2].data)
-    if key[3] & RELU:
-        a["ws"] = args[5].data
-    _plans().run(key, "backward", a)
+def _runner(direction: str):
+    def run(frame, args, rets):
+        key = _key_of(args[0], args[-1])
+        buffers = (args, rets)
+        _plans().run(key, direction, {name: buffers[source][index].data
+                                      for name, (source, index) in _operands(key[3], direction).items()})
+    return run
+
+
+def _builder(direction: str):
+    def build(frame_address: int, words: list) -> None:
+        """The compiled handler's program for the same call (jaxcnn.native); one at a time, on
+        oneDNN's OpenMP threads, as `_Plans.run`."""
+        _, args, rets = native.frame_buffers(frame_address)
+        key = _key_of(args[0], args[-1])
+        plan = _plans().get(key)
+        program = native.Program(words, global_lock=True)
+        for name, (source, index) in _operands(key[3], direction).items():
+            program.set(native.SERIAL, plan["mem"][name], source, index)
+        program.execute(native.SERIAL, plan[direction])
+        program.publish()
+    return build
+
+
+native.register("bn_forward", _builder("forward"))
+native.register("bn_backward", _builder("backward"))
+_run_forward, _run_backward = _runner("forward"), _runner("backward")
 
 
 _FWD_HANDLER = dnnl.ffi_handler("batch norm", _run_forward)   # kept alive: XLA holds their addresses
@@ -154,8 +178,10 @@ _BWD_HANDLER = dnnl.ffi_handler("batch norm gradient", _run_backward)
 
 @functools.lru_cache(maxsize=None)
 def _registered() -> bool:
-    jax.ffi.register_ffi_target(FWD_TARGET, jax.ffi.pycapsule(_FWD_HANDLER), platform="cpu")
-    jax.ffi.register_ffi_target(BWD_TARGET, jax.ffi.pycapsule(_BWD_HANDLER), platform="cpu")
+    jax.ffi.register_ffi_target(FWD_TARGET, native.handler("bn_forward") or jax.ffi.pycapsule(_FWD_HANDLER),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(BWD_TARGET, native.handler("bn_backward") or jax.ffi.pycapsule(_BWD_HANDLER),
+                                platform="cpu")
     return dnnl.settle_at_exit()
 
 

@@ -13,10 +13,11 @@ Batch 128, NHWC, 2-core Zen 5, ms (Eigen as XLA runs it / oneDNN here):
 
 jaxlib bundles oneDNN but runs only its forward convolutions and matmuls (jaxcnn.onednn), and
 exports none of its symbols. So jaxcnn loads oneDNN's own shared library (the `onednn-cpu-gomp`
-wheel, oneDNN 3.x, a dependency on Linux x86-64) with ctypes and calls it from inside the
-compiled step as an XLA typed-FFI custom call whose handler is a ctypes function: it gets the
-addresses of XLA's buffers (no copy), oneDNN writes the gradient in its preferred blocked layout,
-and a oneDNN reorder writes it into XLA's output buffer as HWIO f32.
+wheel, oneDNN 3.x, a dependency on Linux x86-64) with ctypes, builds the primitives with it,
+and calls them from inside the compiled step as an XLA typed-FFI custom call. Its handler is
+compiled C where `pip install` built it (jaxcnn.native), else a ctypes function (`ffi_handler`).
+It gets the addresses of XLA's buffers (no copy), oneDNN writes the gradient in its preferred
+blocked layout, and a oneDNN reorder writes it into XLA's output buffer as HWIO f32.
 
 Threads: XLA runs independent operations side by side on its own thread pool, and a oneDNN call
 on OpenMP threads of its own then shares cores with them. So a call is split by batch into one
@@ -51,7 +52,7 @@ import numpy as np
 from jax import lax
 from jax.interpreters import batching, mlir
 
-from jaxcnn import onednn
+from jaxcnn import native, onednn
 
 # oneDNN 3.x C API constants (oneapi/dnnl/dnnl_types.h, dnnl_common_types.h)
 _F32, _BF16 = 3, 2
@@ -457,12 +458,13 @@ def _runtime():
         return None
 
 
-# --- The XLA custom call: a typed-FFI handler written with ctypes (XLA's C ABI, xla/ffi/api/c_api.h).
-# XLA's own Python callbacks copy every operand into a fresh NumPy array (67 MB per call for a
-# 64->64 conv at 32x32, batch 128, with the page faults of new memory on top); the handler gets
-# the buffers' addresses. The operands are x, g and int32 [stride_h, stride_w, pad_top, pad_bottom,
-# pad_left, pad_right]: with the buffers' shapes and dtype, the key of the primitives (built when
-# the call is lowered, or on first use by an executable from a compilation cache).
+# --- The XLA custom call: a typed-FFI handler written with ctypes (XLA's C ABI, xla/ffi/api/c_api.h),
+# used where jaxcnn's compiled handlers (jaxcnn.native) are not built. XLA's own Python callbacks
+# copy every operand into a fresh NumPy array (67 MB per call for a 64->64 conv at 32x32, batch
+# 128, with the page faults of new memory on top); the handler gets the buffers' addresses. The
+# operands are x, g and int32 [stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right,
+# split]: with the buffers' shapes and dtype, the key of the primitives (built when the call is
+# lowered, or on first use by an executable from a compilation cache).
 
 class _Ext(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_size_t), ("type", ctypes.c_int), ("next", _vp)]
@@ -558,10 +560,8 @@ _TASK = ctypes.CFUNCTYPE(None, ctypes.c_size_t)(_run_task)  # kept alive: XLA ca
 
 
 def _xla_pool(frame):
-    """(threads, schedule) for XLA's intra-op thread pool of this call, or None (split off, no
-    pool, or one thread)."""
-    if not _splits():
-        return None
+    """(threads, schedule) for XLA's intra-op thread pool of this call, or None (no pool, or one
+    thread)."""
     n = ctypes.c_int64(0)
     if not _api_call(frame.api, _API_NUM_THREADS,
                      _NumThreadsArgs(ctypes.sizeof(_NumThreadsArgs), None, frame.ctx, ctypes.pointer(n))) \
@@ -602,17 +602,57 @@ def ffi_handler(name: str, run):
     return ctypes.CFUNCTYPE(_vp, ctypes.POINTER(_CallFrame))(handler)
 
 
-def _run_weight_grad(frame, args, rets):
+def _call_key(args, rets) -> tuple:
+    """(key, split) of a call from its buffers: x, g, the geometry operand [stride_h, stride_w,
+    pad_top, pad_bottom, pad_left, pad_right, split] and the output; split: whether the call may
+    be split over XLA's threads (decided when the step was lowered, `_splits`)."""
     x, g, geometry = args
-    out = rets[0]
     shape = lambda b: tuple(b.dims[i] for i in range(b.rank))
     v = ctypes.cast(geometry.data, ctypes.POINTER(ctypes.c_int32))
-    key = _key(shape(x), shape(g), shape(out), (v[0], v[1]), ((v[2], v[3]), (v[4], v[5])),
-               jnp.bfloat16 if x.dtype == _FFI_BF16 else jnp.float32)
-    _runtime().execute(key, x.data, g.data, out.data, _xla_pool(frame))
+    return (_key(shape(x), shape(g), shape(rets[0]), (v[0], v[1]), ((v[2], v[3]), (v[4], v[5])),
+                 jnp.bfloat16 if x.dtype == _FFI_BF16 else jnp.float32), bool(v[6]))
+
+
+def _run_weight_grad(frame, args, rets):
+    key, split = _call_key(args, rets)
+    _runtime().execute(key, args[0].data, args[1].data, rets[0].data, _xla_pool(frame) if split else None)
 
 
 _HANDLER = ffi_handler("weight gradient", _run_weight_grad)  # kept alive: XLA holds its address
+
+
+def _program(frame_address: int, words: list) -> None:
+    """The compiled handler's program for a call like `_run_weight_grad`'s (jaxcnn.native):
+    the same plans, split the same way; words[1] is XLA's pool size for the call."""
+    _, args, rets = native.frame_buffers(frame_address)
+    (key, split), rt, threads = _call_key(args, rets), _runtime(), words[1]
+    if not (split and rt.omp is not None and threads >= 2):  # one call on oneDNN's threads
+        plan = rt._plan(key)
+        program = native.Program(words, global_lock=True)
+        program.lock(plan)
+        plans, parts, starts = [plan], [native.SERIAL], [0]
+    else:
+        keys, starts = rt.chunks(key, threads)
+        plans = [rt._plan(k, i) for i, k in enumerate(keys)]
+        program = native.Program(words, parallel=len(plans), single_thread=True, global_lock=False)
+        parts = list(range(len(plans)))
+    size = 2 if key[5] == "bfloat16" else 4
+    x_img, g_img = (int(np.prod(s[1:])) * size for s in key[:2])
+    for plan, part, start in zip(plans, parts, starts):
+        if part != native.SERIAL:
+            program.lock(plan)  # in slot order, as `execute` takes them
+        for operand, mems, step in ((0, plan["x"], x_img), (1, plan["g"], g_img)):
+            for mem, offset in mems:
+                program.set(part, mem, native.ARG, operand, start * step + offset)
+        for call in plan["calls"][0]:
+            program.execute(part, call)
+    for plan in plans:  # the reorders: the first writes the output, the others add to it
+        program.set(native.SERIAL, plan["out"], native.RET, 0)
+        program.execute(native.SERIAL, plan["calls"][1])
+    program.publish()
+
+
+native.register("weight_grad", _program)
 
 
 def settle(tree) -> None:
@@ -631,7 +671,9 @@ def settle_at_exit() -> bool:
     """Have the interpreter wait, when it exits, for the computations still running. Handlers made
     by `ffi_handler` run Python inside XLA's computations; a script that ends with a step in
     flight (its outputs unread) tore the interpreter down under them, and XLA's client then waited
-    forever for that step in its destructor (4 of 4 runs hung). atexit runs this before jax's own
+    forever for that step in its destructor (4 of 4 runs hung). The compiled handlers
+    (jaxcnn.native) run Python only on a shape's first call, so this matters where they are not
+    built and for a step's first execution. atexit runs this before jax's own
     clean-up (registered earlier, run later) and while Python still runs the handlers. It cannot
     see a computation whose outputs were all dropped; jaxcnn's training loop waits for its own."""
     atexit.register(lambda: settle(jax.live_arrays()))
@@ -640,7 +682,8 @@ def settle_at_exit() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _registered() -> bool:
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(_HANDLER), platform="cpu")
+    handler = native.handler("weight_grad") or jax.ffi.pycapsule(_HANDLER)
+    jax.ffi.register_ffi_target(TARGET, handler, platform="cpu")
     return settle_at_exit()
 
 
@@ -656,7 +699,7 @@ def _lower(ctx, x, g, *, w_shape, strides, pads):
     ax, ag = ctx.avals_in
     # Built now, so that a shape oneDNN rejects fails the compilation, not the step.
     _runtime().prepare(_key(ax.shape, ag.shape, w_shape, strides, pads, ax.dtype), _split_guess())
-    geometry = mlir.ir_constant(np.array([*strides, *pads[0], *pads[1]], np.int32))
+    geometry = mlir.ir_constant(np.array([*strides, *pads[0], *pads[1], _splits()], np.int32))
     out_type = mlir.aval_to_ir_type(ctx.module_context, ctx.avals_out[0])
     return onednn._custom_call(TARGET, result_types=[out_type], operands=[x, g, geometry], api_version=4,
                                backend_config={}, has_side_effect=False).results

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxcnn  # noqa: F401  (XLA flags before the backend starts)
-from jaxcnn import bnorm, layers, ops
+from jaxcnn import bnorm, layers, native, ops
 
 pytestmark = pytest.mark.skipif(not bnorm.usable(), reason="oneDNN's library (onednn-cpu-gomp) is not usable here")
 JIT_SHAPE = (6, 5, 4, 32)  # 32 channels: a JIT kernel wherever oneDNN has one (AVX2 and up)
@@ -113,6 +113,7 @@ def test_other_shapes_stay_on_xla():
     assert _targets(jax.vmap(jax.grad(g)), jnp.ones((2,) + JIT_SHAPE)) == (0, 0)
 
 
+@pytest.mark.skipif(native.active(), reason="patches the Python handlers (tests/test_native.py runs it with them)")
 def test_a_failing_call_raises_instead_of_crashing(monkeypatch):
     def broken(self, key, direction, addresses):  # noqa: ARG001
         raise RuntimeError("simulated oneDNN batch-norm failure")

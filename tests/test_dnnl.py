@@ -12,9 +12,11 @@ import pytest
 from jax import lax
 
 import jaxcnn  # noqa: F401  (XLA flags before the backend starts)
-from jaxcnn import dnnl, ops
+from jaxcnn import dnnl, native, ops
 
 pytestmark = pytest.mark.skipif(not dnnl.usable(), reason="oneDNN's library (onednn-cpu-gomp) is not usable here")
+# Tests that patch the Python handlers' code; tests/test_native.py runs this file with them too.
+python_handlers = pytest.mark.skipif(native.active(), reason="the compiled handlers are on (JAXCNN_NATIVE=0 runs it)")
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -141,6 +143,7 @@ def test_vmap_and_other_layouts_stay_on_xla():
     assert _calls(jax.grad(f, 1), xn, w) == 0
 
 
+@python_handlers
 def test_a_failing_call_raises_instead_of_crashing(monkeypatch):
     def broken(self, key, x, g, out, pool=None):  # noqa: ARG001
         raise RuntimeError("simulated oneDNN failure")
@@ -159,19 +162,21 @@ def test_split_over_xla_threads_matches_one_call(monkeypatch):
     x = jnp.asarray(rng.standard_normal((3, 10, 10, 8)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((3, 3, 8, 16)) * 0.3, jnp.float32)
     grad = lambda: jax.grad(_loss(ops.conv_general_dilated, (1, 1), "SAME"), 1)
-    runs = []
-    real = dnnl._Dnnl.execute
-    monkeypatch.setattr(dnnl._Dnnl, "execute", lambda self, *a: runs.append(a[-1]) or real(self, *a))
+    runs = []  # the chunks of each call: from the Python handler, or the compiled one's programs
+    real, before = dnnl._Dnnl.execute, len(native.programs())
+    monkeypatch.setattr(dnnl._Dnnl, "execute", lambda self, *a: runs.append(a[-1] and a[-1][0]) or real(self, *a))
     split = jax.jit(grad())(x, w)
     monkeypatch.setenv("JAXCNN_DNNL_SPLIT", "0")
-    whole = jax.jit(grad())(x + 0.0, w)  # same values, a new trace (the variable is read per call)
-    assert runs[0] is not None and runs[0][0] >= 2 and runs[-1] is None
+    whole = jax.jit(grad())(x + 0.0, w)  # same values, a new trace (the variable is read when lowering)
+    runs += [parallel for _, parallel, _ in native.programs()[before:]]
+    assert runs[0] >= 2 and not runs[-1]
     np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-5)
     key = dnnl._key((3, 10, 10, 8), (3, 10, 10, 16), (3, 3, 8, 16), (1, 1), ((1, 1), (1, 1)), jnp.float32)
     keys, starts = dnnl._runtime().chunks(key, 2)
     assert [k[0][0] for k in keys] == [2, 1] and starts == [0, 2]
 
 
+@python_handlers
 def test_a_failing_chunk_on_a_pool_thread_is_reported(monkeypatch):
     x = jnp.ones((4, 6, 6, 3), jnp.float32)
     w = jnp.ones((3, 3, 3, 4), jnp.float32)

@@ -1,0 +1,395 @@
+/* jaxcnn's XLA FFI handlers for its oneDNN calls, compiled (the `jaxcnn._native` library).
+
+jaxcnn.dnnl and jaxcnn.bnorm build their oneDNN primitives in Python (ctypes) and first ran
+them from handlers written in Python too. Those took the GIL on every call (~120-170 us each,
+179 calls in a densenet_bc_100_12 training step), and ran Python inside XLA's computations: an
+interpreter torn down with a step in flight left XLA's client waiting forever (session 22).
+Here each call runs without Python: the handler computes the call's key from its buffers (what
+jaxcnn.native.program_key computes from the same frame), finds the program Python built for that
+key, points the program's oneDNN memories at XLA's buffers and executes its primitives. Only the
+first call of a key calls back into Python, to build its program (`jaxcnn_init`'s `build`).
+
+A program: `npar` sequences that may run side by side (a weight gradient split by batch: each
+chunk single-threaded, offered to XLA's thread pool, the calling thread runs every chunk no idle
+pool thread has claimed), then one serial sequence on the calling thread. A sequence is a list of
+ops: point a oneDNN memory at an operand or result buffer (+ a byte offset), or execute a
+primitive (then wait for its stream). Programs are never freed: they live as long as the
+process, like the primitives they run.
+
+The oneDNN and OpenMP functions come as addresses from Python (from the libdnnl it loaded), so
+this file links against neither. XLA's FFI structs are from XLA's own header (vendored, see
+xla_ffi_c_api.h).
+*/
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "xla_ffi_c_api.h"
+
+#define EXPORT __attribute__((visibility("default")))
+
+typedef int (*set_handle_fn)(void *memory, void *handle);                        /* dnnl_memory_set_data_handle */
+typedef int (*execute_fn)(void *primitive, void *stream, int nargs, const void *args); /* dnnl_primitive_execute */
+typedef int (*wait_fn)(void *stream);                                            /* dnnl_stream_wait */
+typedef int (*stream_create_fn)(void **stream, void *engine, unsigned flags);    /* dnnl_stream_create */
+typedef void (*omp_set_fn)(int);
+typedef int (*omp_get_fn)(void);
+/* Python's builder: makes and publishes the program for `key` from this call's frame; 0 on
+   success, else an error message in `error`. */
+typedef int (*build_fn)(void *frame, int target, const int64_t *key, int64_t key_len, char *error,
+                        int64_t error_len);
+
+static struct {
+  set_handle_fn set_handle;
+  execute_fn execute;
+  wait_fn wait;
+  stream_create_fn stream_create;
+  void *engine;
+  omp_set_fn omp_set; /* NULL: not an OpenMP build of oneDNN */
+  omp_get_fn omp_get;
+  build_fn build;
+} dnnl;
+
+enum { OP_SET = 0, OP_EXEC = 1 };
+enum { FROM_ARG = 0, FROM_RET = 1 };
+
+typedef struct {
+  int kind;
+  void *object; /* a dnnl_memory_t (OP_SET) or a dnnl_primitive_t (OP_EXEC) */
+  int from, index; /* OP_SET: the operand (FROM_ARG) or result (FROM_RET) buffer it points at */
+  int64_t offset;  /* OP_SET: bytes into that buffer */
+  int nargs;       /* OP_EXEC: the primitive's dnnl_exec_arg_t array */
+  const void *args;
+} Op;
+
+typedef struct {
+  int n, cap;
+  Op *ops;
+} Seq;
+
+typedef struct Program {
+  int64_t *key;
+  int64_t key_len;
+  uint64_t hash;
+  int single_thread; /* run every sequence with OpenMP at 1 thread (chunks of a split call) */
+  int global;        /* hold the global lock: the call runs on oneDNN's OpenMP threads, all cores */
+  int nlocks;
+  pthread_mutex_t **locks; /* the plans' own locks, taken in order: their memories are shared */
+  int npar;
+  Seq *par;
+  Seq serial;
+  struct Program *next;
+} Program;
+
+#define BUCKETS 1024
+static _Atomic(Program *) table[BUCKETS];
+static pthread_mutex_t publish_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t global_lock = PTHREAD_MUTEX_INITIALIZER;
+static __thread void *thread_stream; /* a oneDNN stream per thread: chunks run on several */
+
+static uint64_t hash_key(const int64_t *key, int64_t n) {
+  uint64_t h = 1469598103934665603ull; /* FNV-1a over the words */
+  for (int64_t i = 0; i < n; i++) {
+    h ^= (uint64_t)key[i];
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+static Program *find(const int64_t *key, int64_t n, uint64_t h) {
+  for (Program *p = atomic_load(&table[h % BUCKETS]); p; p = p->next)
+    if (p->hash == h && p->key_len == n && memcmp(p->key, key, n * sizeof(int64_t)) == 0) return p;
+  return NULL;
+}
+
+/* ---- building programs (from Python, under its own lock) ---- */
+
+EXPORT void jaxcnn_init(void *set_handle, void *execute, void *wait, void *stream_create, void *engine,
+                        void *omp_set, void *omp_get, void *build) {
+  dnnl.set_handle = (set_handle_fn)set_handle;
+  dnnl.execute = (execute_fn)execute;
+  dnnl.wait = (wait_fn)wait;
+  dnnl.stream_create = (stream_create_fn)stream_create;
+  dnnl.engine = engine;
+  dnnl.omp_set = (omp_set_fn)omp_set;
+  dnnl.omp_get = (omp_get_fn)omp_get;
+  dnnl.build = (build_fn)build;
+}
+
+EXPORT void *jaxcnn_mutex_new(void) {
+  pthread_mutex_t *m = malloc(sizeof *m);
+  if (m) pthread_mutex_init(m, NULL);
+  return m;
+}
+
+EXPORT void *jaxcnn_program_new(const int64_t *key, int64_t key_len, int npar, int single_thread, int global) {
+  Program *p = calloc(1, sizeof *p);
+  if (!p) return NULL;
+  p->key = malloc(key_len * sizeof(int64_t));
+  p->par = calloc(npar > 0 ? npar : 1, sizeof(Seq));
+  if (!p->key || !p->par) return NULL;
+  memcpy(p->key, key, key_len * sizeof(int64_t));
+  p->key_len = key_len;
+  p->hash = hash_key(key, key_len);
+  p->npar = npar;
+  p->single_thread = single_thread;
+  p->global = global;
+  return p;
+}
+
+EXPORT int jaxcnn_program_lock(Program *p, pthread_mutex_t *m) {
+  pthread_mutex_t **locks = realloc(p->locks, (p->nlocks + 1) * sizeof *locks);
+  if (!locks) return -1;
+  p->locks = locks;
+  p->locks[p->nlocks++] = m;
+  return 0;
+}
+
+static int push(Program *p, int seq, Op op) {
+  Seq *s = seq < 0 ? &p->serial : &p->par[seq];
+  if (seq >= p->npar) return -1;
+  if (s->n == s->cap) {
+    int cap = s->cap ? 2 * s->cap : 8;
+    Op *ops = realloc(s->ops, cap * sizeof *ops);
+    if (!ops) return -1;
+    s->ops = ops;
+    s->cap = cap;
+  }
+  s->ops[s->n++] = op;
+  return 0;
+}
+
+/* seq: -1 the serial sequence, else the parallel sequence `seq`. */
+EXPORT int jaxcnn_program_set(Program *p, int seq, void *memory, int from, int index, int64_t offset) {
+  Op op = {OP_SET, memory, from, index, offset, 0, NULL};
+  return push(p, seq, op);
+}
+
+EXPORT int jaxcnn_program_exec(Program *p, int seq, void *primitive, int nargs, const void *args) {
+  Op op = {OP_EXEC, primitive, 0, 0, 0, nargs, args};
+  return push(p, seq, op);
+}
+
+EXPORT void jaxcnn_program_publish(Program *p) {
+  pthread_mutex_lock(&publish_lock);
+  if (!find(p->key, p->key_len, p->hash)) { /* a second build of the same key is dropped */
+    _Atomic(Program *) *bucket = &table[p->hash % BUCKETS];
+    p->next = atomic_load(bucket);
+    atomic_store(bucket, p);
+  }
+  pthread_mutex_unlock(&publish_lock);
+}
+
+/* ---- running them ---- */
+
+static XLA_FFI_Error *error(const XLA_FFI_Api *api, const char *message) {
+  XLA_FFI_Error_Create_Args args = {XLA_FFI_Error_Create_Args_STRUCT_SIZE, NULL, message,
+                                    XLA_FFI_Error_Code_INTERNAL};
+  return api->XLA_FFI_Error_Create(&args);
+}
+
+static void *buffer(XLA_FFI_CallFrame *f, int from, int index) {
+  void **items = from == FROM_ARG ? f->args.args : f->rets.rets;
+  int64_t size = from == FROM_ARG ? f->args.size : f->rets.size;
+  return index < size ? ((XLA_FFI_Buffer *)items[index])->data : NULL;
+}
+
+/* 0, or the failing oneDNN status (> 0), or -1 for an operand that is not there. */
+static int run_seq(XLA_FFI_CallFrame *f, const Seq *s, int single_thread) {
+  int before = 0, status = 0;
+  if (!thread_stream && (status = dnnl.stream_create(&thread_stream, dnnl.engine, 1 /* in order */)))
+    return status;
+  if (single_thread && dnnl.omp_set) {
+    before = dnnl.omp_get();
+    dnnl.omp_set(1);
+  }
+  for (int i = 0; i < s->n && !status; i++) {
+    const Op *op = &s->ops[i];
+    if (op->kind == OP_SET) {
+      char *base = buffer(f, op->from, op->index);
+      status = base ? dnnl.set_handle(op->object, base + op->offset) : -1;
+    } else if (!(status = dnnl.execute(op->object, thread_stream, op->nargs, op->args))) {
+      status = dnnl.wait(thread_stream);
+    }
+  }
+  if (single_thread && dnnl.omp_set) dnnl.omp_set(before);
+  return status;
+}
+
+/* The chunks of one split call. Heap-allocated and counted: a chunk offered to XLA's pool may be
+   picked up after the call has run it itself and returned. */
+typedef struct {
+  atomic_int refs, left, status;
+  atomic_char *claimed;
+  Program *p;
+  XLA_FFI_CallFrame *frame;
+  pthread_mutex_t lock;
+  pthread_cond_t done;
+} Job;
+
+typedef struct {
+  Job *job;
+  int index;
+} Task;
+
+static void release(Job *job) {
+  if (atomic_fetch_sub(&job->refs, 1) == 1) {
+    pthread_mutex_destroy(&job->lock);
+    pthread_cond_destroy(&job->done);
+    free(job->claimed);
+    free(job);
+  }
+}
+
+static void claim_and_run(Job *job, int i) {
+  if (atomic_exchange(&job->claimed[i], 1)) return;
+  int status = run_seq(job->frame, &job->p->par[i], job->p->single_thread);
+  if (status) atomic_store(&job->status, status);
+  if (atomic_fetch_sub(&job->left, 1) == 1) {
+    pthread_mutex_lock(&job->lock);
+    pthread_cond_broadcast(&job->done);
+    pthread_mutex_unlock(&job->lock);
+  }
+}
+
+static void pool_task(void *data) {
+  Task *t = data;
+  claim_and_run(t->job, t->index);
+  release(t->job);
+  free(t);
+}
+
+static int run_parallel(XLA_FFI_CallFrame *f, Program *p) {
+  Job *job = calloc(1, sizeof *job);
+  atomic_char *claimed = calloc(p->npar, sizeof *claimed);
+  if (!job || !claimed) {
+    free(job);
+    free(claimed);
+    return -2;
+  }
+  job->claimed = claimed;
+  job->p = p;
+  job->frame = f;
+  atomic_init(&job->refs, 1);
+  atomic_init(&job->left, p->npar);
+  atomic_init(&job->status, 0);
+  pthread_mutex_init(&job->lock, NULL);
+  pthread_cond_init(&job->done, NULL);
+  for (int i = 1; i < p->npar; i++) { /* if XLA refuses a task, this thread runs that chunk */
+    Task *t = malloc(sizeof *t);
+    if (!t) break;
+    t->job = job;
+    t->index = i;
+    atomic_fetch_add(&job->refs, 1);
+    XLA_FFI_ThreadPool_Schedule_Args args = {XLA_FFI_ThreadPool_Schedule_Args_STRUCT_SIZE, NULL, f->ctx,
+                                             pool_task, t};
+    XLA_FFI_Error *err = f->api->XLA_FFI_ThreadPool_Schedule(&args);
+    if (err) {
+      XLA_FFI_Error_Destroy_Args d = {XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, NULL, err};
+      f->api->XLA_FFI_Error_Destroy(&d);
+      atomic_fetch_sub(&job->refs, 1);
+      free(t);
+    }
+  }
+  for (int i = 0; i < p->npar; i++) claim_and_run(job, i);
+  pthread_mutex_lock(&job->lock);
+  while (atomic_load(&job->left) > 0) pthread_cond_wait(&job->done, &job->lock);
+  pthread_mutex_unlock(&job->lock);
+  int status = atomic_load(&job->status);
+  release(job);
+  return status;
+}
+
+/* XLA's thread pool size for this call (0: none). */
+static int64_t pool_threads(XLA_FFI_CallFrame *f) {
+  int64_t n = 0;
+  XLA_FFI_ThreadPool_NumThreads_Args args = {XLA_FFI_ThreadPool_NumThreads_Args_STRUCT_SIZE, NULL, f->ctx, &n};
+  XLA_FFI_Error *err = f->api->XLA_FFI_ThreadPool_NumThreads(&args);
+  if (err) {
+    XLA_FFI_Error_Destroy_Args d = {XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, NULL, err};
+    f->api->XLA_FFI_Error_Destroy(&d);
+    return 0;
+  }
+  return n;
+}
+
+#define MAX_KEY 256
+
+/* The key of a call: target, XLA's pool threads, every operand and result (dtype, rank, dims),
+   then the values of the last operand (the int32 geometry or config every jaxcnn call ends with).
+   jaxcnn.native.program_key computes the same from Python. */
+static int64_t call_key(XLA_FFI_CallFrame *f, int target, int64_t *key) {
+  int64_t n = 0;
+  key[n++] = target;
+  key[n++] = pool_threads(f);
+  for (int from = 0; from < 2; from++) {
+    int64_t size = from == FROM_ARG ? f->args.size : f->rets.size;
+    void **items = from == FROM_ARG ? f->args.args : f->rets.rets;
+    key[n++] = size;
+    for (int64_t i = 0; i < size; i++) {
+      XLA_FFI_Buffer *b = items[i];
+      if (n + 2 + b->rank > MAX_KEY - 16) return -1;
+      key[n++] = b->dtype;
+      key[n++] = b->rank;
+      for (int64_t d = 0; d < b->rank; d++) key[n++] = b->dims[d];
+    }
+  }
+  XLA_FFI_Buffer *last = f->args.args[f->args.size - 1];
+  int64_t count = 1;
+  for (int64_t d = 0; d < last->rank; d++) count *= last->dims[d];
+  if (last->dtype != XLA_FFI_DataType_S32 || n + count > MAX_KEY) return -1;
+  for (int64_t i = 0; i < count; i++) key[n++] = ((int32_t *)last->data)[i];
+  return n;
+}
+
+static const char *NAMES[] = {"weight gradient", "batch norm", "batch norm gradient"};
+
+static XLA_FFI_Error *handle(XLA_FFI_CallFrame *f, int target) {
+  if (f->extension_start) { /* XLA asks for the handler's metadata */
+    if (f->extension_start->type == XLA_FFI_Extension_Metadata) {
+      XLA_FFI_Metadata *meta = ((XLA_FFI_Metadata_Extension *)f->extension_start)->metadata;
+      meta->api_version.major_version = 0; /* the oldest FFI API with everything used here */
+      meta->api_version.minor_version = 1;
+      meta->traits = 0;
+    }
+    return NULL;
+  }
+  if (f->stage != XLA_FFI_ExecutionStage_EXECUTE) return NULL;
+  char message[2048];
+  int64_t key[MAX_KEY];
+  int64_t n = f->args.size > 0 ? call_key(f, target, key) : -1;
+  if (n < 0) {
+    snprintf(message, sizeof message, "jaxcnn oneDNN %s: a call jaxcnn does not make", NAMES[target]);
+    return error(f->api, message);
+  }
+  uint64_t h = hash_key(key, n);
+  Program *p = find(key, n, h);
+  if (!p) { /* first call of this key: Python builds its program (takes the GIL) */
+    message[0] = 0;
+    if (!dnnl.build || dnnl.build(f, target, key, n, message, sizeof message) || !(p = find(key, n, h))) {
+      char full[2200];
+      snprintf(full, sizeof full, "jaxcnn oneDNN %s: %s", NAMES[target], message[0] ? message : "no program");
+      return error(f->api, full);
+    }
+  }
+  if (p->global) pthread_mutex_lock(&global_lock);
+  for (int i = 0; i < p->nlocks; i++) pthread_mutex_lock(p->locks[i]);
+  int status = p->npar > 0 ? run_parallel(f, p) : 0;
+  if (!status) status = run_seq(f, &p->serial, p->single_thread);
+  for (int i = p->nlocks - 1; i >= 0; i--) pthread_mutex_unlock(p->locks[i]);
+  if (p->global) pthread_mutex_unlock(&global_lock);
+  if (status) {
+    snprintf(message, sizeof message, "jaxcnn oneDNN %s: %s (status %d)", NAMES[target],
+             status == -1 ? "an operand is missing" : status == -2 ? "out of memory" : "oneDNN call failed",
+             status);
+    return error(f->api, message);
+  }
+  return NULL;
+}
+
+EXPORT XLA_FFI_Error *jaxcnn_weight_grad(XLA_FFI_CallFrame *f) { return handle(f, 0); }
+EXPORT XLA_FFI_Error *jaxcnn_bn_forward(XLA_FFI_CallFrame *f) { return handle(f, 1); }
+EXPORT XLA_FFI_Error *jaxcnn_bn_backward(XLA_FFI_CallFrame *f) { return handle(f, 2); }
