@@ -34,7 +34,7 @@ def _worker(a) -> None:
     import throughput
     from jaxcnn import native
     if a.devices > 1:
-        run = _sharded_train(a.model, a.batch, a.devices)
+        run = throughput._sharded_train(a.model, a.batch, a.devices)
     else:
         run = throughput._jax_steps(a.model, a.batch, a.precision)[0 if a.what == "train" else 1]
     run(2)
@@ -49,33 +49,6 @@ def _worker(a) -> None:
         run(steps)
         times.append((time.perf_counter() - t) / steps * 1e3)
     print("RESULT", float(np.median(times)), native.active(), flush=True)
-
-
-def _sharded_train(name: str, batch: int, devices: int):
-    """fp32 train steps over `devices` devices, as benchmarks/throughput.py's devices worker."""
-    import jax
-    import jaxcnn
-    from jaxcnn.layers import recomputes
-    from jaxcnn.train.state import create_train_state, data_sharded, make_mesh, replicated
-    from jaxcnn.train.step import make_train_step
-
-    import throughput
-    size = jaxcnn.model_info(name).image_size
-    model = jaxcnn.create_model(name, num_classes=10)
-    mesh = make_mesh(devices)
-    tx, batch_np, stats = throughput._adamw_and_batch(batch, size)
-    box = {"s": jax.jit(lambda: create_train_state(model, tx, image_size=size, seed=0),
-                        out_shardings=replicated(mesh))()}
-    data = jax.device_put(batch_np, data_sharded(mesh))
-    step = make_train_step(augment=None, mesh=mesh, recomputes=recomputes(model), **stats)
-
-    def run(n):
-        s = box["s"]
-        for _ in range(n):
-            s, m = step(s, data)
-        jax.block_until_ready(m["loss"])
-        box["s"] = s
-    return run
 
 
 def _one(a, model: str, batch: int, native: bool) -> float:

@@ -311,30 +311,36 @@ def worker_memory(a) -> Dict:
     return dict(peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, kind="host RSS")
 
 
-def worker_devices(a) -> Dict:
-    """Same global batch on N simulated CPU devices (XLA_FLAGS set by the parent)."""
+def _sharded_train(name: str, batch: int, devices: int):
+    """run(n): n fp32 train steps of jaxcnn's step with `batch` split over `devices` devices
+    (simulated CPU ones: XLA_FLAGS set before jax starts), the state replicated."""
     import jax
     import jaxcnn
     from jaxcnn.layers import recomputes
     from jaxcnn.train.state import create_train_state, data_sharded, make_mesh, replicated
     from jaxcnn.train.step import make_train_step
 
-    size = jaxcnn.model_info(a.model).image_size
-    model = jaxcnn.create_model(a.model, num_classes=10)
-    mesh = make_mesh(a.devices)
-    tx, batch_np, stats = _adamw_and_batch(a.batch, size)
+    size = jaxcnn.model_info(name).image_size
+    model = jaxcnn.create_model(name, num_classes=10)
+    mesh = make_mesh(devices)
+    tx, batch_np, stats = _adamw_and_batch(batch, size)
     state = jax.jit(lambda: create_train_state(model, tx, image_size=size, seed=0),
                     out_shardings=replicated(mesh))()
-    batch = jax.device_put(batch_np, data_sharded(mesh))
+    data = jax.device_put(batch_np, data_sharded(mesh))
     step = make_train_step(augment=None, mesh=mesh, recomputes=recomputes(model), **stats)
     box = {"s": state}
 
     def run(n):
         s = box["s"]
         for _ in range(n):
-            s, m = step(s, batch)
+            s, m = step(s, data)
         jax.block_until_ready(m["loss"]); box["s"] = s
+    return run
 
+
+def worker_devices(a) -> Dict:
+    """Same global batch on N simulated CPU devices (XLA_FLAGS set by the parent)."""
+    run = _sharded_train(a.model, a.batch, a.devices)
     run(1)
     return dict(devices=a.devices, train_img_s=_median_rate(run, a.steps, a.batch, a.rounds))
 

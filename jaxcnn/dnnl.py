@@ -308,6 +308,13 @@ class _Dnnl:
         starts = np.cumsum([0] + sizes[:-1])
         return [((s, *x_shape[1:]), (s, *g_shape[1:]), *rest) for s in sizes], [int(v) for v in starts]
 
+    def split_plans(self, key, parts: int) -> list:
+        """`key`'s batch in `parts` chunks: (chunk i's plan, its byte offsets into x and g)."""
+        keys, starts = self.chunks(key, parts)
+        size = 2 if key[5] == "bfloat16" else 4
+        x_img, g_img = (int(np.prod(shape[1:])) * size for shape in key[:2])
+        return [(self._plan(k, i), s * x_img, s * g_img) for i, (k, s) in enumerate(zip(keys, starts))]
+
     def prepare(self, key, parts: Optional[int]):
         """Build the plans a call will use (at lowering: a shape oneDNN rejects fails then)."""
         if parts is None or self.omp is None:
@@ -343,15 +350,14 @@ class _Dnnl:
             with self.lock, plan["lock"]:
                 self._run(plan, x, g, out)
             return
-        keys, starts = self.chunks(key, pool[0])
-        plans = [self._plan(k, i) for i, k in enumerate(keys)]
-        size = 2 if key[5] == "bfloat16" else 4
-        x_img, g_img = (int(np.prod(shape[1:])) * size for shape in key[:2])
+        parts = self.split_plans(key, pool[0])
+        plans = [plan for plan, _, _ in parts]
         job = _Job(len(plans))
 
         def chunk(i):  # the partial gradient of chunk i, into its plan's own buffer
+            plan, x_offset, g_offset = parts[i]
             with self._threads(1):
-                self._compute(plans[i], x + starts[i] * x_img, g + starts[i] * g_img)
+                self._compute(plan, x + x_offset, g + g_offset)
 
         # The plans (their blocked buffers) belong to this call until its sum is written: other
         # calls of the same shape (other devices' shards) wait. Taken in slot order, so two
@@ -579,6 +585,12 @@ def _xla_pool(frame):
     return int(n.value), schedule
 
 
+def buffers(frame) -> tuple:
+    """(operand buffers, result buffers) of an XLA FFI call frame."""
+    return ([frame.args.items[i].contents for i in range(frame.args.size)],
+            [frame.rets.items[i].contents for i in range(frame.rets.size)])
+
+
 def ffi_handler(name: str, run):
     """A typed-FFI handler (a ctypes function; keep it alive while XLA may call it) that passes
     each execution's frame and its argument and result buffers to `run(frame, args, rets)`, and
@@ -594,8 +606,7 @@ def ffi_handler(name: str, run):
         if frame.stage != _FFI_EXECUTE:
             return None
         try:
-            run(frame, [frame.args.items[i].contents for i in range(frame.args.size)],
-                [frame.rets.items[i].contents for i in range(frame.rets.size)])
+            run(frame, *buffers(frame))
             return None
         except BaseException as e:  # never unwind into XLA: report the error to it
             return _ffi_error(frame.api, f"jaxcnn oneDNN {name}: {type(e).__name__}: {e}")
@@ -623,30 +634,21 @@ _HANDLER = ffi_handler("weight gradient", _run_weight_grad)  # kept alive: XLA h
 
 def _program(frame_address: int, words: list) -> None:
     """The compiled handler's program for a call like `_run_weight_grad`'s (jaxcnn.native):
-    the same plans, split the same way; words[1] is XLA's pool size for the call."""
+    the same plans, split the same way (`_Dnnl.execute`); words[1] is XLA's pool size."""
     _, args, rets = native.frame_buffers(frame_address)
     (key, split), rt, threads = _call_key(args, rets), _runtime(), words[1]
-    if not (split and rt.omp is not None and threads >= 2):  # one call on oneDNN's threads
-        plan = rt._plan(key)
-        program = native.Program(words, global_lock=True)
-        program.lock(plan)
-        plans, parts, starts = [plan], [native.SERIAL], [0]
-    else:
-        keys, starts = rt.chunks(key, threads)
-        plans = [rt._plan(k, i) for i, k in enumerate(keys)]
-        program = native.Program(words, parallel=len(plans), single_thread=True, global_lock=False)
-        parts = list(range(len(plans)))
-    size = 2 if key[5] == "bfloat16" else 4
-    x_img, g_img = (int(np.prod(s[1:])) * size for s in key[:2])
-    for plan, part, start in zip(plans, parts, starts):
-        if part != native.SERIAL:
-            program.lock(plan)  # in slot order, as `execute` takes them
-        for operand, mems, step in ((0, plan["x"], x_img), (1, plan["g"], g_img)):
+    split = split and rt.omp is not None and threads >= 2  # else one call on oneDNN's threads
+    parts = rt.split_plans(key, threads) if split else [(rt._plan(key), 0, 0)]
+    program = native.Program(words, parallel=len(parts) if split else 0, single_thread=split, global_lock=not split)
+    for i, (plan, x_offset, g_offset) in enumerate(parts):
+        seq = i if split else native.SERIAL
+        program.lock(plan)  # in slot order, as `execute` takes them
+        for operand, mems, start in ((0, plan["x"], x_offset), (1, plan["g"], g_offset)):
             for mem, offset in mems:
-                program.set(part, mem, native.ARG, operand, start * step + offset)
+                program.set(seq, mem, native.ARG, operand, start + offset)
         for call in plan["calls"][0]:
-            program.execute(part, call)
-    for plan in plans:  # the reorders: the first writes the output, the others add to it
+            program.execute(seq, call)
+    for plan, _, _ in parts:  # the reorders: the first writes the output, the others add to it
         program.set(native.SERIAL, plan["out"], native.RET, 0)
         program.execute(native.SERIAL, plan["calls"][1])
     program.publish()

@@ -143,8 +143,7 @@ def frame_buffers(frame_address: int):
     """(frame, operand buffers, result buffers) of an XLA FFI call frame's address."""
     from jaxcnn import dnnl
     frame = ctypes.cast(frame_address, ctypes.POINTER(dnnl._CallFrame)).contents
-    return (frame, [frame.args.items[i].contents for i in range(frame.args.size)],
-            [frame.rets.items[i].contents for i in range(frame.rets.size)])
+    return (frame, *dnnl.buffers(frame))
 
 
 def _build(frame_address, target, key, key_len, error, error_len) -> int:

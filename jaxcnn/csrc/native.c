@@ -149,8 +149,8 @@ EXPORT int jaxcnn_program_lock(Program *p, pthread_mutex_t *m) {
 }
 
 static int push(Program *p, int seq, Op op) {
-  Seq *s = seq < 0 ? &p->serial : &p->par[seq];
   if (seq >= p->npar) return -1;
+  Seq *s = seq < 0 ? &p->serial : &p->par[seq];
   if (s->n == s->cap) {
     int cap = s->cap ? 2 * s->cap : 8;
     Op *ops = realloc(s->ops, cap * sizeof *ops);
