@@ -319,8 +319,7 @@ class _Dnnl:
         """Build the plans a call will use (at lowering: a shape oneDNN rejects fails then)."""
         if parts is None or self.omp is None:
             return [self._plan(key)]
-        keys, _ = self.chunks(key, parts)
-        return [self._plan(k, i) for i, k in enumerate(keys)]
+        return [plan for plan, _, _ in self.split_plans(key, parts)]
 
     def _compute(self, plan, x: int, g: int):
         """A plan's gradient of x and g (raw addresses) into its own buffer."""

@@ -97,6 +97,7 @@ def test_relu_is_fused_and_its_mask_comes_from_the_forward_pass():
         assert ws.dtype == jnp.uint8 and ws.size * 8 == x.size
 
 
+@pytest.mark.routing
 def test_other_shapes_stay_on_xla():
     """Channel counts without a JIT kernel (oneDNN's generic one was 3x slower than XLA), other
     ranks, mixed dtypes and vmap keep the XLA path."""
@@ -126,6 +127,7 @@ def test_a_failing_call_raises_instead_of_crashing(monkeypatch):
         jax.block_until_ready(jax.jit(lambda x: ops.batch_norm_train(x, s, s, 1e-5, jnp.dtype(jnp.float32), True)[0])(x))
 
 
+@pytest.mark.routing
 def test_off_with_several_devices_and_when_switched_off():
     """A BatchNorm's statistics are over the global batch: with several devices XLA's path (whose
     reductions the partitioner makes global) stays."""

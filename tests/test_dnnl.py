@@ -60,6 +60,7 @@ def test_weight_gradient_matches_xla(x_shape, w_shape, strides, padding, dtype):
     (jnp.float32, 4, 256, 256, (1, 1), False), (jnp.float32, 8, 256, 256, (2, 2), False),
     (jnp.float32, 2, 256, 256, (1, 1), False), (jnp.float32, 6, 256, 256, (1, 1), True),
     (jnp.float32, 4, 128, 256, (1, 1), True), (jnp.bfloat16, 4, 256, 256, (1, 1), True)])
+@pytest.mark.routing
 def test_small_f32_images_with_many_channels_take_xla_weight_gradient(dtype, hw, cin, cout, strides, on_dnnl):
     """dnnl.xla_faster: an f32 weight gradient with an output of at most 5x5 px and >= 256
     channels in and out is XLA's (faster there on this CPU), with the same values; larger
@@ -88,6 +89,7 @@ def test_kernels_are_oneDNN_jit_ones():
     ((3, 4, 4, 128), (3, 3, 128, 128), (1, 1), "SAME"),
     ((3, 8, 8, 128), (3, 3, 128, 160), (2, 2), "SAME"),              # pads (0, 1)
     ((3, 2, 2, 128), (3, 3, 128, 128), (2, 2), ((1, 1), (1, 1)))])   # tap 0 sees only padding
+@pytest.mark.routing
 def test_small_bf16_images_take_im2col_and_matmul(x_shape, w_shape, strides, padding, monkeypatch):
     """bf16, at most 64 output pixels, 128+ channels: the gradient is an im2col and a matmul,
     as close to the exact one as XLA's, split over XLA's threads or not. The default takes the
@@ -129,6 +131,7 @@ def test_which_gradients_take_the_matmul(monkeypatch):
     assert not dnnl.by_matmul(key((64, 14, 14, 256), (64, 7, 7, 512), (3, 3, 256, 512), (2, 2)), True)  # 49 px
 
 
+@pytest.mark.routing
 def test_vmap_and_other_layouts_stay_on_xla():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 3, 8, 8, 4)), jnp.float32)
@@ -192,6 +195,7 @@ def test_a_failing_chunk_on_a_pool_thread_is_reported(monkeypatch):
         jax.block_until_ready(f(x, w))
 
 
+@pytest.mark.routing
 @pytest.mark.parametrize("var", ["JAXCNN_DNNL", "JAXCNN_ONEDNN"])
 def test_off_when_switched_off(var):
     code = "import jaxcnn, jax; from jaxcnn import dnnl; print(dnnl.usable())"
@@ -200,6 +204,7 @@ def test_off_when_switched_off(var):
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
 
 
+@pytest.mark.routing
 def test_no_split_with_several_devices():
     """Several CPU devices keep the cores busy side by side: one call each, no chunks."""
     code = "import jaxcnn; from jaxcnn import dnnl; print(dnnl._splits(), dnnl._split_guess())"
