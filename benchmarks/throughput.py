@@ -14,7 +14,10 @@ framework runs in a process of its own (sharing one slowed XLA's steps by a thir
 another as a user would run it: warm-up, then timed rounds back to back, all training rounds
 before the inference ones (as a training loop runs); each figure is the median over rounds.
 `--alternate` makes the processes take turns instead, one round each, which cancels slow drifts
-of a noisy machine but skewed the figures on the project's VM (see _run_sides).
+of a noisy machine but skewed the figures on the project's VM (see _run_sides). `--passes N` runs
+each case's processes N times, one after another as above, the frameworks' order reversed every
+other pass, and reports medians over passes and, as ratios, the median of each pass's own ratio:
+drifts over minutes then move both sides of a ratio together.
 Peak memory is measured in two more subprocesses, one per framework running only its training
 step (host peak RSS on a CPU; peak device memory on a GPU). The arithmetic-rate table turns
 the images/s into GFLOP/s (the model's flops per image from XLA's cost analysis, `_model_gflop`)
@@ -532,6 +535,33 @@ def _run_sides(sides: List[List[str]], rounds: int, alternate: bool = False, rea
     return out
 
 
+def _pass_ratios(r: Dict) -> Dict:
+    """One pass's ratios, jaxcnn / PyTorch eager and / the faster of eager and compiled."""
+    out = {}
+    for what in ("train", "infer"):
+        j, eager, comp = r.get(f"jax_{what}"), r.get(f"torch_{what}"), r.get(f"torchc_{what}")
+        if j and eager:
+            out[f"ratio_{what}"] = j / eager
+        if j and (eager or comp):
+            out[f"ratio_{what}_best"] = j / max(t for t in (eager, comp) if t)
+    return out
+
+
+def _merge_passes(passes: List[Dict]) -> Dict:
+    """Several passes of one case (`--passes`): each number the median over the passes that have it,
+    each ratio the median of the passes' own ratios (a framework measured minutes apart from the
+    other on a VM whose speed drifts is compared within its pass), and `pass_ratios` the list."""
+    out = {}
+    for key in dict.fromkeys(k for r in passes for k in r):
+        nums = [r[key] for r in passes if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+        out[key] = float(np.median(nums)) if nums else next(r[key] for r in passes if key in r)
+    per = [_pass_ratios(r) for r in passes]
+    for key in dict.fromkeys(k for p in per for k in p):
+        out[key] = float(np.median([p[key] for p in per if key in p]))
+    out["pass_ratios"] = per
+    return out
+
+
 def machine() -> Dict:
     from jaxcnn.train.report import environment
     env = environment()
@@ -627,6 +657,9 @@ def main(argv=None):
     ap.add_argument("--min-round-s", type=float, default=1.0,
                     help="more steps per timed round for fast models, so a round lasts this long")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--passes", type=int, default=1,
+                    help="run each case's processes this many times, the frameworks' order reversed every "
+                         "other pass; figures are medians over passes, ratios medians of same-pass ratios")
     ap.add_argument("--alternate", action="store_true",
                     help="frameworks take turns, one round each (default: one after another)")
     ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false",
@@ -669,6 +702,10 @@ def main(argv=None):
     unknown = [m for m in a.models if m not in jaxcnn.list_models()]
     if unknown:
         ap.error(f"unknown model(s) {unknown}; choose from {', '.join(jaxcnn.list_models())}")
+    if a.passes < 1:
+        ap.error(f"--passes {a.passes}: give 1 or more")
+    if a.passes > 1 and a.prestart > 1:
+        ap.error("--passes runs each case's processes anew every pass; it cannot be combined with --prestart")
     if a.quick:
         a.rounds, a.steps, a.min_round_s, a.models, a.device_passes = 1, 1, 0.0, a.models[:1], 1
     gpu = _gpu_present()
@@ -689,7 +726,7 @@ def main(argv=None):
 
     cases = [(name, b, precision) for name in a.models for precision in a.precisions
              for b in (a.batch_sizes or default_batches(jaxcnn.model_info(name).image_size, gpu))]
-    prestart = a.prestart or (8 if gpu else 1)
+    prestart = 1 if a.passes > 1 else (a.prestart or (8 if gpu else 1))
     for i in range(0, len(cases), prestart):
         chunk = []
         for name, b, precision in cases[i:i + prestart]:
@@ -709,7 +746,11 @@ def main(argv=None):
         for j, (name, b, precision, sides) in enumerate(chunk):
             size = jaxcnn.model_info(name).image_size
             print(f"[{time.strftime('%H:%M:%S')}] {name} {size}px batch {b} {precision} ...", flush=True)
-            r = _run_sides(sides, a.rounds, a.alternate, ready=ready[j] if ready else None)
+            if a.passes > 1:
+                r = _merge_passes([_run_sides(sides if k % 2 == 0 else sides[::-1], a.rounds, a.alternate)
+                                   for k in range(a.passes)])
+            else:
+                r = _run_sides(sides, a.rounds, a.alternate, ready=ready[j] if ready else None)
             rows.append(dict(model=name, size=size, batch=b, precision=precision, **r))
             print("   ", r, flush=True)
             report()
@@ -798,12 +839,24 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe, min_round_s
             L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['precision']} | error: {r['jax_error']} |" + "|" * 11)
             continue
         g = r.get
+        if "pass_ratios" in r:  # --passes: medians of same-pass ratios
+            cell = lambda key: fmt(r[key], 2) if r.get(key) else "—"
+            rt, rtb, ri, rib = (cell(k) for k in ("ratio_train", "ratio_train_best", "ratio_infer", "ratio_infer_best"))
+        else:
+            rt, rtb = ratio(g('jax_train'), g('torch_train')), ratio(g('jax_train'), g('torch_train'), g('torchc_train'))
+            ri, rib = ratio(g('jax_infer'), g('torch_infer')), ratio(g('jax_infer'), g('torch_infer'), g('torchc_infer'))
         L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['precision']} | {fmt(g('compile_s'), 1)} | "
                  f"{fmt(g('jax_train'), 1)} | {fmt(g('jax_plain_train'), 1)} | {fmt(g('torch_train'), 1)} | "
-                 f"{fmt(g('torchc_train'), 1)} | {ratio(g('jax_train'), g('torch_train'))} | "
-                 f"{ratio(g('jax_train'), g('torch_train'), g('torchc_train'))} | {fmt(g('jax_infer'), 1)} | "
-                 f"{fmt(g('torch_infer'), 1)} | {fmt(g('torchc_infer'), 1)} | {ratio(g('jax_infer'), g('torch_infer'))} | "
-                 f"{ratio(g('jax_infer'), g('torch_infer'), g('torchc_infer'))} |")
+                 f"{fmt(g('torchc_train'), 1)} | {rt} | {rtb} | {fmt(g('jax_infer'), 1)} | "
+                 f"{fmt(g('torch_infer'), 1)} | {fmt(g('torchc_infer'), 1)} | {ri} | {rib} |")
+    passed = [r for r in rows if r.get("pass_ratios")]
+    if passed:
+        show = lambda r, what: ", ".join(fmt(p[f"ratio_{what}"], 2) for p in r["pass_ratios"] if f"ratio_{what}" in p) or "—"
+        L += ["", f"--passes: each case's processes ran {len(passed[0]['pass_ratios'])} times, the frameworks' "
+              "order reversed every other pass; images/s are medians over passes, ratios medians of each "
+              "pass's own ratio. Per pass, jaxcnn / PyTorch eager: "
+              + "; ".join(f"{r['model']} b{r['batch']} {r['precision']} training {show(r, 'train')}, "
+                          f"inference {show(r, 'infer')}" for r in passed) + "."]
     for fw, what in (("torch", "PyTorch eager"), ("torchc", "torch.compile")):
         errs = [f"{r['model']} b{r['batch']} {r['precision']}: {r[fw + '_error']}" for r in rows if r.get(fw + "_error")]
         if errs:

@@ -109,6 +109,43 @@ def test_device_overhead_is_the_median_of_same_pass_ratios(monkeypatch, tmp_path
     assert "| 4 | 50.0 | 100% | 100%, 100%, 10% |" in out.read_text()
 
 
+def test_passes_reverse_the_order_and_take_medians_of_same_pass_ratios(monkeypatch, tmp_path):
+    """--passes: a case's side processes run once per pass, their order reversed every other pass;
+    images/s are medians over passes and each ratio the median of the passes' own ratios, not the
+    ratio of the medians (the sides are stood in for: their code runs in the first test)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import throughput
+    # training jaxcnn / PyTorch eager per pass: 100/50, 90/100, 200/250 -> 2.0, 0.9, 0.8 (median 0.9;
+    # the medians' ratio would be 100/100 = 1.0)
+    rates = iter([(100.0, 50.0), (90.0, 100.0), (200.0, 250.0)])
+    orders, reports = [], []
+
+    def run_sides(sides, rounds, alternate=False, ready=None):
+        orders.append([s[s.index("--framework") + 1] for s in sides])
+        j, t = next(rates)
+        return {"jax_train": j, "torch_train": t, "jax_infer": 3 * j, "compile_s": 5.0}
+
+    monkeypatch.setattr(throughput, "_run_sides", run_sides)
+    monkeypatch.setattr(throughput, "_run_worker", lambda *args, **kw: {})
+    monkeypatch.setattr(throughput, "_fresh_memory", lambda: None)
+    monkeypatch.setattr(throughput, "write_report", lambda *args, **kw: reports.append(args))
+    assert throughput.main(["--models", "simple_cnn", "--batch-sizes", "8", "--precisions", "fp32",
+                            "--no-torch-compile", "--no-memory", "--devices", "--passes", "3"]) == 0
+    assert orders == [["jax", "torch"], ["torch", "jax"], ["jax", "torch"]]
+    row = reports[-1][3][0]
+    assert row["jax_train"] == 100.0 and row["torch_train"] == 100.0 and row["jax_infer"] == 300.0
+    assert abs(row["ratio_train"] - 0.9) < 1e-9 and "ratio_infer" not in row  # no PyTorch inference figure
+    assert [round(p["ratio_train"], 2) for p in row["pass_ratios"]] == [2.0, 0.9, 0.8]
+    out = tmp_path / "r.md"
+    monkeypatch.undo()
+    throughput.write_report(str(out), "cmd --passes 3", {"cpu": "x"}, [row], [], [], {}, 1.0)
+    text = out.read_text()
+    assert "| simple_cnn | 32 | 8 | fp32 | 5.0 | 100.0 | — | 100.0 | — | 0.90 | 0.90 | 300.0 | — | — | — | — |" in text
+    assert "simple_cnn b8 fp32 training 2.00, 0.90, 0.80, inference —." in text
+    with __import__("pytest").raises(SystemExit):
+        throughput.main(["--passes", "0"])
+
+
 def test_gpu_report_has_device_memory_and_gpu_batches(monkeypatch, tmp_path):
     """On a GPU the sides' own peak device memory becomes a table (one row per case), batch sizes
     default to the GPU's, and the commit can be stated by JAXCNN_COMMIT (a copy without a fitting
