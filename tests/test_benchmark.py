@@ -170,3 +170,27 @@ def test_gpu_report_has_device_memory_and_gpu_batches(monkeypatch, tmp_path):
     assert "GPU: Some GPU; CUDA 1" in text
     monkeypatch.setenv("JAXCNN_COMMIT", "abc1234")
     assert throughput._commit() == "abc1234 (as stated by JAXCNN_COMMIT)"
+
+
+def test_native_ab_device_overhead_per_handler(monkeypatch, capsys):
+    """native_ab.py with several --devices counts: per pass, each handler's N-device step time over
+    its own fewest-device one; handler and device order alternate between passes (the worker
+    processes are stood in for by a table of ms per step)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import native_ab
+    ms = {(True, 1): iter([100.0, 200.0]), (True, 4): iter([110.0, 260.0]),
+          (False, 1): iter([100.0, 100.0]), (False, 4): iter([150.0, 120.0])}
+    calls = []
+
+    def one(a, model, batch, native, devices, sharded):
+        calls.append((native, devices, sharded))
+        return next(ms[native, devices])
+
+    monkeypatch.setattr(native_ab, "_one", one)
+    assert native_ab.main(["--models", "simple_cnn", "--batches", "32", "--devices", "4", "1", "--pairs", "2"]) == 0
+    assert calls == [(True, 1, True), (True, 4, True), (False, 1, True), (False, 4, True),
+                     (False, 4, True), (False, 1, True), (True, 4, True), (True, 1, True)]
+    out = capsys.readouterr().out
+    # compiled: 110/100 - 1 = 10%, 260/200 - 1 = 30% (median 20%); Python: 50%, 20% (median 35%)
+    assert "| simple_cnn | 32 | compiled | 4 vs 1 | 110, 260 vs 100, 200 | 10%, 30% | 20% |" in out, out
+    assert "| simple_cnn | 32 | Python | 4 vs 1 | 150, 120 vs 100, 100 | 50%, 20% | 35% |" in out, out
