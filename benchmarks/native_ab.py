@@ -94,12 +94,12 @@ def main(argv=None) -> int:
     p.add_argument("--sharded", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        a.devices, a.sharded = a.devices[0], a.sharded or a.devices[0] > 1
+        a.devices = a.devices[0]
         _worker(a)
         return 0
     if min(a.devices) < 1:
         p.error(f"--devices {a.devices}: device counts must be 1 or more")
-    if (len(a.devices) > 1 or a.devices[0] > 1) and (a.what, a.precision) != ("train", "fp32"):
+    if max(a.devices) > 1 and (a.what, a.precision) != ("train", "fp32"):
         p.error("--devices above 1 times the sharded fp32 train step: drop --what/--precision, or --devices")
     if len(set(a.devices)) > 1:
         return _overheads(a)

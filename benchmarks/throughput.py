@@ -536,7 +536,8 @@ def _run_sides(sides: List[List[str]], rounds: int, alternate: bool = False, rea
 
 
 def _pass_ratios(r: Dict) -> Dict:
-    """One pass's ratios, jaxcnn / PyTorch eager and / the faster of eager and compiled."""
+    """A run's ratios, jaxcnn / PyTorch eager and / the faster of eager and compiled (the report's
+    columns; with --passes, each pass's)."""
     out = {}
     for what in ("train", "infer"):
         j, eager, comp = r.get(f"jax_{what}"), r.get(f"torch_{what}"), r.get(f"torchc_{what}")
@@ -830,21 +831,14 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe, min_round_s
          "| ratio eager | ratio best | infer jaxcnn | PyTorch eager | PyTorch compiled | ratio eager | ratio best |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    def ratio(j, *ts):
-        ts = [t for t in ts if t]
-        return fmt(j / max(ts), 2) if (j and ts) else "—"
-
     for r in rows:
         if "jax_error" in r:
             L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['precision']} | error: {r['jax_error']} |" + "|" * 11)
             continue
         g = r.get
-        if "pass_ratios" in r:  # --passes: medians of same-pass ratios
-            cell = lambda key: fmt(r[key], 2) if r.get(key) else "—"
-            rt, rtb, ri, rib = (cell(k) for k in ("ratio_train", "ratio_train_best", "ratio_infer", "ratio_infer_best"))
-        else:
-            rt, rtb = ratio(g('jax_train'), g('torch_train')), ratio(g('jax_train'), g('torch_train'), g('torchc_train'))
-            ri, rib = ratio(g('jax_infer'), g('torch_infer')), ratio(g('jax_infer'), g('torch_infer'), g('torchc_infer'))
+        ratios = r if "pass_ratios" in r else _pass_ratios(r)  # --passes: medians of same-pass ratios
+        rt, rtb, ri, rib = (fmt(ratios[k], 2) if ratios.get(k) else "—"
+                            for k in ("ratio_train", "ratio_train_best", "ratio_infer", "ratio_infer_best"))
         L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['precision']} | {fmt(g('compile_s'), 1)} | "
                  f"{fmt(g('jax_train'), 1)} | {fmt(g('jax_plain_train'), 1)} | {fmt(g('torch_train'), 1)} | "
                  f"{fmt(g('torchc_train'), 1)} | {rt} | {rtb} | {fmt(g('jax_infer'), 1)} | "

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -142,7 +144,7 @@ def test_passes_reverse_the_order_and_take_medians_of_same_pass_ratios(monkeypat
     text = out.read_text()
     assert "| simple_cnn | 32 | 8 | fp32 | 5.0 | 100.0 | — | 100.0 | — | 0.90 | 0.90 | 300.0 | — | — | — | — |" in text
     assert "simple_cnn b8 fp32 training 2.00, 0.90, 0.80, inference —." in text
-    with __import__("pytest").raises(SystemExit):
+    with pytest.raises(SystemExit):
         throughput.main(["--passes", "0"])
 
 
