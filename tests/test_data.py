@@ -334,6 +334,35 @@ def test_loader_deterministic_padded_and_resumable():
         Loader(ds, 11, shuffle=False, drop_last=True)
 
 
+def test_alternate_flip_mirrors_each_image_in_every_other_epoch():
+    rng = np.random.default_rng(0)
+    n = 64
+    ds = ArrayDataset(rng.integers(0, 256, (n, 4, 5, 3), dtype=np.uint8), np.arange(n, dtype=np.int32))
+    ld = Loader(ds, 16, shuffle=True, drop_last=True, seed=3, alternate_flip=True)
+
+    def mirrored(epoch):  # per image (label = index): was it served mirrored?
+        out = np.zeros(n, bool)
+        for b in ld.epoch(epoch):
+            for img, i in zip(b["image"], b["label"]):
+                same, flip = np.array_equal(img, ds.images[i]), np.array_equal(img, ds.images[i][:, ::-1])
+                assert same or flip
+                out[i] = flip
+        return out
+
+    e0, e1, e2 = mirrored(0), mirrored(1), mirrored(2)
+    np.testing.assert_array_equal(e1, ~e0)  # each image both ways over two epochs
+    np.testing.assert_array_equal(e2, e0)
+    assert 16 <= e0.sum() <= 48  # a random half, not all or none
+    resumed = next(ld.epoch(1, start_step=2))  # a resumed epoch serves the same views
+    np.testing.assert_array_equal(resumed["image"], list(ld.epoch(1))[2]["image"])
+    plain = Loader(ds, 16, shuffle=True, drop_last=True, seed=3)
+    np.testing.assert_array_equal(next(plain.epoch(0))["image"], ds.images[next(plain.epoch(0))["label"]])
+    from jaxcnn.train import TrainConfig
+    assert not TrainConfig(alternate_flip=True).augment_config().flip  # the step flips nothing more
+    with pytest.raises(ValueError, match="alternate_flip .* needs flip"):
+        TrainConfig(alternate_flip=True, flip=False).validate()
+
+
 def test_prefetch_order_errors_and_early_stop():
     assert list(prefetch(iter(range(5)), 2)) == list(range(5))
 

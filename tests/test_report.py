@@ -13,6 +13,9 @@ def test_epoch_line_matches_seed_004_format():
                              "Test_loss:1.586, Lr:9.76E-04")
     m = dict(epoch=10, train_acc=0.5, train_loss=1.0, val_acc=0.25, val_loss=2.0, lr=1e-6)
     assert epoch_line(m).startswith("Epoch:10, Train_acc:50.0%, Train_loss:1.000, Val_acc:25.0%")
+    # an epoch that --eval-every skips has no evaluation columns
+    m = dict(epoch=3, train_acc=0.5, train_loss=1.0, lr=1e-3)
+    assert epoch_line(m) == "Epoch: 3, Train_acc:50.0%, Train_loss:1.000, Lr:1.00E-03"
 
 
 def test_reporter_writes_every_artefact(tmp_path):

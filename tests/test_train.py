@@ -2,8 +2,10 @@
 
 Tiny models (simple_cnn at widths 8/16/16) on 16 px synthetic images keep each run to seconds.
 """
+import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +115,27 @@ def test_weight_decay_only_on_kernels():
             assert decayed == name.endswith("['kernel']"), (opt, name)
 
 
+def test_bias_lr_scale_multiplies_only_the_biases_sgd_steps():
+    import optax
+    from jaxcnn.train.optim import make_optimizer
+    params = {"bn": {"bias": jnp.ones(3), "scale": jnp.ones(3)}, "conv": {"kernel": jnp.ones((2, 3))}}
+    grads = jax.tree.map(lambda p: 0.5 * jnp.ones_like(p), params)
+    steps = {}
+    for k in (1.0, 64.0):
+        tx, _ = make_optimizer(TrainConfig(optimizer="sgd", learning_rate=0.1, schedule="constant",
+                                           momentum=0.9, nesterov=True, weight_decay=0.01,
+                                           bias_lr_scale=k, clip_norm=10.0), 10)
+        state = tx.init(params)
+        steps[k] = tx.update(grads, state, params)[0]
+        # one state structure whatever the factor: checkpoints resume across the setting
+        assert jax.tree.structure(state) == jax.tree.structure(make_optimizer(
+            TrainConfig(optimizer="sgd", clip_norm=10.0), 10)[0].init(params))
+    np.testing.assert_allclose(steps[64.0]["bn"]["bias"], 64 * steps[1.0]["bn"]["bias"], rtol=1e-6)
+    for name in ("scale",):
+        np.testing.assert_array_equal(steps[64.0]["bn"][name], steps[1.0]["bn"][name])
+    np.testing.assert_array_equal(steps[64.0]["conv"]["kernel"], steps[1.0]["conv"]["kernel"])
+
+
 def test_recipes_name_their_seed_and_every_model_has_one():
     import jaxcnn
     from jaxcnn.train.recipes import RECIPES, build_config, default_recipe_for
@@ -130,6 +153,8 @@ def test_recipes_name_their_seed_and_every_model_has_one():
     assert build_config(model="densenet_bc_small").recipe == "seed000"
     fast = build_config("fast")
     assert (fast.model, fast.tta_flip, fast.optimizer, fast.val_fraction) == ("fastnet", True, "sgd", 0.0)
+    assert (fast.eval_every, fast.tta_translate, fast.alternate_flip, fast.keep_best) == (0, 1, True, False)
+    assert fast.validate() is fast  # its settings go together (no plateau or early stopping)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -283,7 +308,7 @@ def test_ema_warms_up_from_the_first_step():
                  expect, jax.device_get(state.ema_params))
 
 
-def test_flip_tta_sums_the_logits_of_both_views():
+def test_flip_tta_averages_the_logits_of_both_views():
     from jaxcnn.data import preprocess
     from jaxcnn.train.step import make_eval_step
     state, _, batch, _ = _step_setup()
@@ -291,12 +316,37 @@ def test_flip_tta_sums_the_logits_of_both_views():
     plain, tta = make_eval_step(**kw), make_eval_step(tta_flip=True, **kw)
     x, _ = preprocess(jax.random.PRNGKey(0), batch["image"], batch["label"], augment=None, **kw)
     v = {"params": state.params, "batch_stats": state.batch_stats}
-    both = state.apply_fn(v, x, train=False) + state.apply_fn(v, x[:, :, ::-1], train=False)
+    both = 0.5 * (state.apply_fn(v, x, train=False) + state.apply_fn(v, x[:, :, ::-1], train=False))
     np.testing.assert_array_equal(np.asarray(tta(state, batch)["pred"]), np.argmax(both, -1))
+    from jaxcnn.train.optim import cross_entropy  # the loss is that of the averaged logits
+    want = float(jnp.sum(cross_entropy(both, jax.nn.one_hot(batch["label"], 4))))
+    assert float(tta(state, batch)["loss_sum"]) == pytest.approx(want, rel=1e-4)
     # A mirrored batch gets the same TTA predictions; the plain step is not symmetric.
     flipped = {**batch, "image": batch["image"][:, :, ::-1]}
     np.testing.assert_array_equal(tta(state, batch)["pred"], tta(state, flipped)["pred"])
     assert plain(state, batch)["pred"].shape == (32,)
+
+def test_translate_tta_adds_two_shifted_views_at_half_weight():
+    from jaxcnn.data import preprocess
+    from jaxcnn.train.step import make_eval_step
+    state, _, batch, _ = _step_setup()
+    kw = dict(num_classes=4, mean=(80.,) * 3, std=(60.,) * 3)
+    x, _ = preprocess(jax.random.PRNGKey(0), batch["image"], batch["label"], augment=None, **kw)
+    v = {"params": state.params, "batch_stats": state.batch_stats}
+    f = lambda im: state.apply_fn(v, im, train=False)
+    h, w = x.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    up_left, down_right = xp[:, :h, :w], xp[:, 2:2 + h, 2:2 + w]
+    np.testing.assert_array_equal(up_left[:, 1:, 1:], x[:, :-1, :-1])  # content moved down-right by 1
+    for flip in (False, True):
+        views = (lambda im: 0.5 * (f(im) + f(im[:, :, ::-1]))) if flip else f
+        want = 0.5 * views(x) + 0.25 * (views(up_left) + views(down_right))
+        step = make_eval_step(tta_flip=flip, tta_translate=1, **kw)
+        np.testing.assert_array_equal(np.asarray(step(state, batch)["pred"]), np.argmax(want, -1))
+    with pytest.raises(ValueError, match="tta_translate=8 pixels is too far for 16 px images; pass at most 7"):
+        from jaxcnn.train.loop import build
+        build(config("unused", tta_translate=8), splits(), init=False)
+
 
 FOUR_DEVICES = r"""
 import sys; sys.path.insert(0, sys.argv[1])
@@ -400,6 +450,35 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
     with pytest.raises(NonFiniteLossError, match=r"at step 8 \(epoch 2, batch 2 of 6\).*epoch 1\) is kept"):
         train_and_evaluate(config(tmp_path, epochs=2, learning_rate=1e38), data=splits())
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+
+
+def test_eval_every_evaluates_every_nth_and_the_last_epoch(tmp_path, capsys):
+    calls = []
+    import jaxcnn.train.loop as loop_mod
+    real = loop_mod.evaluate_dataset
+    def counting(run, state, ds, stop=None):
+        calls.append(len(ds))
+        return real(run, state, ds, stop)
+    loop_mod.evaluate_dataset = counting
+    try:
+        # no validation split: the last epoch's test evaluation is the final one, run once
+        s = train_and_evaluate(config(tmp_path, epochs=5, eval_every=2, val_fraction=0.0,
+                                      keep_best=False), data=dataclasses.replace(splits(), val=None))
+    finally:
+        loop_mod.evaluate_dataset = real
+    assert calls == [64, 64, 64]  # epochs 2, 4 and 5 (the last); nothing after the loop
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [("test_acc" in l) for l in lines] == [False, True, False, True, True]
+    assert s["best_epoch"] in (2, 4, 5) and s["evaluated_epoch"] == 5
+    assert s["test_acc"] == lines[-1]["test_acc"]
+    out = capsys.readouterr().out
+    assert re.search(r"^Epoch: 1, Train_acc:[\d.]+%, Train_loss:[\d.]+, Lr:", out, re.M)
+    assert re.search(r"^Epoch: 2, .*, Test_acc:[\d.]+%, Test_loss:", out, re.M)
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    # epochs without a metric are kept as the latest ones, never as the best
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3, 4, 5]
+    with pytest.raises(ValueError, match="eval_every=0: reduce-on-plateau and early stopping"):
+        config(tmp_path / "x", eval_every=0, early_stopping_patience=2).validate()
 
 
 def _image_folder(root: Path, n_train=48, n_test=16):

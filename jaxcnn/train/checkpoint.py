@@ -11,6 +11,7 @@ any moment leaves only whole checkpoints (the partial one is removed at the next
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
@@ -21,6 +22,16 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 BEST_METRIC = "val_acc"
+
+
+class _UnevaluatedEpochFilter(logging.Filter):
+    """Orbax warns on every save without metrics; with --eval-every that is by design (the epoch
+    was not evaluated and can never be the best one), so the warning would only mislead."""
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_UnevaluatedEpochFilter())
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -92,12 +103,13 @@ class CheckpointStore:
         return self.manager.best_step()
 
     # -- save / restore
-    def save(self, epoch: int, state, meta: Dict[str, Any], val_acc: float) -> None:
+    def save(self, epoch: int, state, meta: Dict[str, Any], val_acc: Optional[float]) -> None:
         """Asynchronous: arrays are copied off the devices before this returns, so the caller may
-        donate `state` to the next step right away."""
+        donate `state` to the next step right away. `val_acc` None: an epoch that was not
+        evaluated (`eval_every`), never the best one."""
         self.manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          meta=ocp.args.JsonSave(meta)),
-                          metrics={BEST_METRIC: float(val_acc)})
+                          metrics=None if val_acc is None else {BEST_METRIC: float(val_acc)})
 
     def meta(self, epoch: int) -> Dict[str, Any]:
         return self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

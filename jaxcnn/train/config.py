@@ -56,6 +56,10 @@ class TrainConfig:
     crop_padding: int = _field(4, "random crop after padding by P pixels (0 = off)", "augmentation",
                                check=NONNEG)
     flip: bool = _field(True, "random horizontal flip", "augmentation")
+    alternate_flip: bool = _field(False, "with --flip: mirror a fixed random half of the images in "
+                                  "odd epochs and the other half in even ones (airbench's "
+                                  "derandomised flip) instead of a coin per image and epoch",
+                                  "augmentation")
     brightness: float = _field(0.0, "random brightness delta (fraction of 255)", "augmentation", check=NONNEG)
     contrast: float = _field(0.0, "random contrast factor range", "augmentation", check=UNIT)
     saturation: float = _field(0.0, "random saturation factor range", "augmentation", check=UNIT)
@@ -79,6 +83,9 @@ class TrainConfig:
     b2: float = _field(0.999, "Adam beta2", "optimization", check=OPEN_UNIT)
     momentum: float = _field(0.9, "SGD momentum (0 = plain SGD)", "optimization", check=(lambda v: 0 <= v < 1, "a number in [0, 1)"))
     nesterov: bool = _field(False, "SGD Nesterov momentum", "optimization")
+    bias_lr_scale: float = _field(1.0, "learning-rate multiplier for parameters named bias "
+                                  "(BatchNorm shifts, layer biases) under sgd; airbench uses 64",
+                                  "optimization", check=POSITIVE)
     clip_norm: Optional[float] = _field(None, "clip gradients by global norm (none = off)", "optimization",
                                         check=POSITIVE)
     label_smoothing: float = _field(0.0, "label smoothing", "optimization", check=FRACTION)
@@ -111,8 +118,15 @@ class TrainConfig:
                                    "optimization", check=POSITIVE)
     ema_decay: float = _field(0.0, "keep an exponential moving average of the weights and evaluate "
                               "with it (0 = off)", "optimization", check=FRACTION)
+    eval_every: int = _field(1, "evaluate the validation (or test) split every N epochs and after the "
+                             "last; 0 = only after the last (epochs between log no val figures)",
+                             "optimization", check=NONNEG)
     tta_flip: bool = _field(False, "evaluate on each image and its mirror image, summing the logits "
                             "(flip test-time augmentation)", "optimization")
+    tta_translate: int = _field(0, "also evaluate on each image shifted by P pixels up-left and "
+                                "down-right (reflect padding), at half weight each; with --tta-flip, "
+                                "their mirror images too (airbench's level-2 TTA: 6 views)",
+                                "optimization", check=NONNEG)
     steps_per_epoch: Optional[int] = _field(None, "cap on optimizer steps per epoch (quick runs)",
                                             "optimization", check=POSITIVE)
     seed: int = _field(0, "seed of initialisation, data order, augmentation and dropout", "optimization")
@@ -184,6 +198,12 @@ class TrainConfig:
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by "
                              f"grad_accum_steps={self.grad_accum_steps}")
+        if self.alternate_flip and not self.flip:
+            raise ValueError("alternate_flip decides how --flip mirrors the images; it needs flip "
+                             "(drop --no-flip or --alternate-flip)")
+        if self.eval_every != 1 and (self.plateau_patience or self.early_stopping_patience):
+            raise ValueError(f"eval_every={self.eval_every}: reduce-on-plateau and early stopping count "
+                             "epochs of validation figures; use --eval-every 1 with them")
         if self.eval_only and not self.checkpoint:
             raise ValueError("eval_only needs checkpoint (--checkpoint DIR)")
         return self
@@ -191,7 +211,9 @@ class TrainConfig:
     def augment_config(self):
         """The jaxcnn.data.AugmentConfig these settings describe."""
         from jaxcnn.data import AugmentConfig
-        return AugmentConfig(crop_padding=self.crop_padding, flip=self.flip, brightness=self.brightness,
+        # alternate_flip: the loader mirrors the images (it knows each one's index and the epoch)
+        return AugmentConfig(crop_padding=self.crop_padding, flip=self.flip and not self.alternate_flip,
+                             brightness=self.brightness,
                              contrast=self.contrast, saturation=self.saturation, rotation=self.rotation,
                              shift=self.shift, zoom=self.zoom, cutout=self.cutout,
                              mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha)

@@ -153,6 +153,9 @@ def build(config: TrainConfig, data, *, init: bool = True) -> Run:
     if config.steps_per_epoch:
         steps = min(steps, config.steps_per_epoch)
     image_size = int(data.train.images.shape[1])
+    if config.tta_translate >= image_size // 2:  # checked here: the first evaluation comes after an epoch
+        raise ValueError(f"tta_translate={config.tta_translate} pixels is too far for {image_size} px "
+                         f"images; pass at most {image_size // 2 - 1} (airbench uses 1 at 32 px)")
     dtype = compute_dtype(config.precision)
     model = build_model(config, num_classes)
     tx, schedule = make_optimizer(config, steps)
@@ -178,7 +181,8 @@ def build(config: TrainConfig, data, *, init: bool = True) -> Run:
         recomputes=recomputes(model))
     eval_step = make_eval_step(num_classes=num_classes, mean=mean, std=std,
                                label_smoothing=config.label_smoothing, use_ema=config.ema_decay > 0,
-                               tta_flip=config.tta_flip, compute_dtype=dtype, mesh=mesh, counter=counter)
+                               tta_flip=config.tta_flip, tta_translate=config.tta_translate,
+                               compute_dtype=dtype, mesh=mesh, counter=counter)
     fold_step = make_fold_step(use_ema=config.ema_decay > 0, compute_dtype=dtype)
     return Run(config, data, mesh, model, state, abstract, schedule, steps, mean, std, image_size,
                train_step, eval_step, fold_step, counter)
@@ -214,7 +218,8 @@ def train_epoch(run: Run, state: TrainState, epoch: int, loop: Dict[str, Any], l
     from tqdm.auto import tqdm
     from jaxcnn.data import Loader, prefetch, shard_batch
     cfg = run.config
-    loader = Loader(run.data.train, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed)
+    loader = Loader(run.data.train, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
+                    alternate_flip=cfg.alternate_flip)
     sharding = data_sharded(run.mesh)
     batches = prefetch(shard_batch(b, sharding) for b in itertools.islice(loader.epoch(epoch), run.steps_per_epoch))
     bar = tqdm(total=run.steps_per_epoch, desc=f"Epoch {epoch + 1}/{cfg.epochs}", unit="step",
@@ -453,36 +458,44 @@ def train_and_evaluate(config: TrainConfig, *, data=None, exit_on_second_interru
     return reporter.finish(summary, predictions=test["predictions"], labels=data.test.labels)
 
 
+def _evaluates(config: TrainConfig, epoch: int) -> bool:
+    """Whether 1-based `epoch` ends with an evaluation: every `eval_every`-th and the last."""
+    return epoch == config.epochs or bool(config.eval_every and epoch % config.eval_every == 0)
+
+
 def _epochs(run: Run, state: TrainState, loop: Dict[str, Any], store: CheckpointStore, reporter,
             stop: StopOnInterrupt, cfg_dict: dict, data_meta: dict, ev_name: str, ev_ds):
     """The epochs still to run, then the test set on the chosen epoch: (state, test, epoch)."""
     config = run.config
+    last_ev = None  # the last epoch's evaluation, when this call ran that epoch and evaluated it
     while loop["epoch"] < config.epochs and not loop["stopped_early"]:
         epoch = loop["epoch"]
         last_good = (f"The last good checkpoint (epoch {epoch}) is kept in {store.directory}."
                      if epoch else "No checkpoint was written.")
         t0 = time.perf_counter()
         state, tr = train_epoch(run, state, epoch, loop, last_good, stop)
-        ev = evaluate_dataset(run, state, ev_ds, stop)
+        ev = evaluate_dataset(run, state, ev_ds, stop) if _evaluates(config, epoch + 1) else None
         loop["epoch"] = epoch + 1
         loop["skipped_steps"] += tr["skipped_steps"]
         loop["train_time"] += tr["train_time"]
         loop["epoch_images_per_sec"].append(tr["images_per_sec"])
-        if loop["best_val_acc"] is None or ev["acc"] >= loop["best_val_acc"]:
-            # ties go to the later epoch, as Orbax's best_step() does
-            loop["best_val_acc"], loop["best_epoch"] = ev["acc"], epoch + 1
-        state = update_callbacks(run, state, loop, {"val_loss": ev["loss"], "val_acc": ev["acc"]})
+        if ev is not None:
+            if loop["best_val_acc"] is None or ev["acc"] >= loop["best_val_acc"]:
+                # ties go to the later epoch, as Orbax's best_step() does
+                loop["best_val_acc"], loop["best_epoch"] = ev["acc"], epoch + 1
+            state = update_callbacks(run, state, loop, {"val_loss": ev["loss"], "val_acc": ev["acc"]})
+        ev_figures = {} if ev is None else {f"{ev_name}_loss": ev["loss"], f"{ev_name}_acc": ev["acc"]}
         record = dict(epoch=epoch + 1, train_loss=tr["train_loss"], train_acc=tr["train_acc"],
-                      **{f"{ev_name}_loss": ev["loss"], f"{ev_name}_acc": ev["acc"]},
-                      lr=current_lr(run, state), images_per_sec=tr["images_per_sec"],
+                      **ev_figures, lr=current_lr(run, state), images_per_sec=tr["images_per_sec"],
                       epoch_time=time.perf_counter() - t0, grad_norm=tr["grad_norm"],
                       update_norm=tr["update_norm"], param_norm=tr["param_norm"])
         if config.precision == "fp16":
             record.update(skipped_steps=tr["skipped_steps"], loss_scale=float(state.loss_scale.scale))
         # a copy: Orbax may serialise the meta after `loop` has moved on to the next epoch
         store.save(epoch + 1, state, copy.deepcopy(dict(epoch=epoch + 1, loop=loop, config=cfg_dict,
-                                                        data=data_meta)), ev["acc"])
+                                                        data=data_meta)), None if ev is None else ev["acc"])
         reporter.log_epoch(record)
+        last_ev = ev
     store.wait()
     final_epoch = loop["epoch"]
     best = store.best_epoch()
@@ -490,14 +503,17 @@ def _epochs(run: Run, state: TrainState, loop: Dict[str, Any], store: Checkpoint
         print(f"Restoring the best epoch {best} ({ev_name} accuracy {100 * loop['best_val_acc']:.1f}%)")
         state, _ = store.restore(best, run.abstract_state)
     used_epoch = best if (config.keep_best and best is not None) else final_epoch
-    test = evaluate_dataset(run, state, run.data.test, stop)
+    if ev_name == "test" and last_ev is not None and used_epoch == final_epoch:
+        test = last_ev  # this very model was just evaluated on the test set (no validation split)
+    else:
+        test = evaluate_dataset(run, state, run.data.test, stop)
     print(f"Test accuracy {100 * test['acc']:.2f}% (loss {test['loss']:.4f}) on {test['count']} images, "
           f"model of epoch {used_epoch}")
     return state, test, used_epoch
 
 
 EVAL_OVERRIDABLE = ("dataset", "data_dir", "cache_dir", "limit_per_class", "batch_size", "eval_batch_size",
-                    "devices", "precision", "progress")
+                    "devices", "precision", "progress", "tta_flip", "tta_translate")
 
 
 def evaluate(checkpoint: str, *, overrides: Optional[Dict[str, Any]] = None, data=None,
@@ -508,7 +524,7 @@ def evaluate(checkpoint: str, *, overrides: Optional[Dict[str, Any]] = None, dat
       checkpoint: a work directory (its best checkpoint, else the latest), its checkpoints/ folder
         or one epoch's folder.
       overrides: settings to change from the saved config; only EVAL_OVERRIDABLE fields (where the
-        data is, batch size, devices, precision).
+        data is, batch size, devices, precision, test-time augmentation).
       data: DataSplits to use instead of loading the saved config's data set.
       split: 'test' or 'val'.
 

@@ -69,9 +69,12 @@ def epoch_line(m: Dict[str, float]) -> str:
     figures that pick the best model must never be mistaken for test accuracy."""
     ev = "val" if "val_acc" in m else "test"
     col = ev.capitalize()
-    return ("Epoch:{:2d}, Train_acc:{:.1f}%, Train_loss:{:.3f}, {c}_acc:{:.1f}%, {c}_loss:{:.3f}, "
-            "Lr:{:.2E}").format(int(m["epoch"]), 100 * m["train_acc"], m["train_loss"],
-                                100 * m[f"{ev}_acc"], m[f"{ev}_loss"], m["lr"], c=col)
+    head = "Epoch:{:2d}, Train_acc:{:.1f}%, Train_loss:{:.3f}, ".format(
+        int(m["epoch"]), 100 * m["train_acc"], m["train_loss"])
+    if f"{ev}_acc" not in m:  # an epoch without an evaluation (--eval-every)
+        return head + "Lr:{:.2E}".format(m["lr"])
+    return head + "{c}_acc:{:.1f}%, {c}_loss:{:.3f}, Lr:{:.2E}".format(
+        100 * m[f"{ev}_acc"], m[f"{ev}_loss"], m["lr"], c=col)
 
 
 class Reporter:
@@ -130,15 +133,18 @@ class Reporter:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        ev = "val" if "val_acc" in hist[0] else "test"
+        ev = "val" if any("val_acc" in h for h in hist) else "test"
         label = "Validation" if ev == "val" else "Test"
         ep = [h["epoch"] for h in hist]
+        # --eval-every: only some epochs have evaluation figures; mark them, since they may be few
+        ev_hist = [h for h in hist if f"{ev}_acc" in h]
+        ev_ep = [h["epoch"] for h in ev_hist]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 3.5))
         a1.plot(ep, [h["train_acc"] for h in hist], label="Training Accuracy")
-        a1.plot(ep, [h[f"{ev}_acc"] for h in hist], label=f"{label} Accuracy")
+        a1.plot(ev_ep, [h[f"{ev}_acc"] for h in ev_hist], marker=".", label=f"{label} Accuracy")
         a1.set_title("Training and Validation Accuracy"); a1.set_xlabel("epoch"); a1.legend(loc="lower right")
         a2.plot(ep, [h["train_loss"] for h in hist], label="Training Loss")
-        a2.plot(ep, [h[f"{ev}_loss"] for h in hist], label=f"{label} Loss")
+        a2.plot(ev_ep, [h[f"{ev}_loss"] for h in ev_hist], marker=".", label=f"{label} Loss")
         a2.set_title("Training and Validation Loss"); a2.set_xlabel("epoch"); a2.legend(loc="upper right")
         fig.tight_layout()
         return self._savefig(fig, "curves.png")

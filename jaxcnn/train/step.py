@@ -140,12 +140,15 @@ def make_train_step(*, num_classes: int, mean: Sequence[float], std: Sequence[fl
 
 def make_eval_step(*, num_classes: int, mean: Sequence[float], std: Sequence[float],
                    label_smoothing: float = 0.0, use_ema: bool = False, tta_flip: bool = False,
-                   compute_dtype=jnp.float32,
+                   tta_translate: int = 0, compute_dtype=jnp.float32,
                    mesh=None, counter: Optional[TraceCounter] = None):
     """Returns `eval_step(state, batch, folded=None) -> metrics`: summed loss and correct over the
     examples with mask=True (padding is ignored), their count, and the per-example predictions
     [B]. `folded`: `make_fold_step`'s output for this state, to run the conv-BN units on weights
-    folded once per evaluation instead of once per batch."""
+    folded once per evaluation instead of once per batch. Test-time augmentation: `tta_flip` adds
+    each view's mirror image; `tta_translate` P > 0 adds the image shifted by P pixels up-left and
+    down-right (reflect padding), each at half the weight of the centred view (airbench's level 2).
+    The logits are the weighted mean over the views, so the loss stays that of one prediction."""
     from jaxcnn.data import preprocess
 
     def eval_step(state: TrainState, batch, folded=None):
@@ -155,9 +158,18 @@ def make_eval_step(*, num_classes: int, mean: Sequence[float], std: Sequence[flo
                                   num_classes=num_classes, mean=mean, std=std, augment=None,
                                   dtype=compute_dtype)
         variables = eval_variables(state, use_ema, folded)
-        logits = state.apply_fn(variables, images, train=False)
-        if tta_flip:  # mirror images are as likely as the originals; sum both views' logits
-            logits = logits + state.apply_fn(variables, images[:, :, ::-1], train=False)
+        def views_logits(x):
+            out = state.apply_fn(variables, x, train=False)
+            if tta_flip:  # mirror images are as likely as the originals: average both views
+                out = 0.5 * (out + state.apply_fn(variables, x[:, :, ::-1], train=False))
+            return out
+
+        logits = views_logits(images)
+        if tta_translate:
+            p, (h, w) = tta_translate, images.shape[1:3]
+            padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
+            shifted = views_logits(padded[:, :h, :w]) + views_logits(padded[:, 2 * p:2 * p + h, 2 * p:2 * p + w])
+            logits = 0.5 * logits + 0.25 * shifted
         mask = batch["mask"].astype(jnp.float32)
         pred = jnp.argmax(logits, -1)
         loss = cross_entropy(logits, smooth_labels(soft, label_smoothing))
