@@ -131,8 +131,7 @@ def test_bias_lr_scale_multiplies_only_the_biases_sgd_steps():
         assert jax.tree.structure(state) == jax.tree.structure(make_optimizer(
             TrainConfig(optimizer="sgd", clip_norm=10.0), 10)[0].init(params))
     np.testing.assert_allclose(steps[64.0]["bn"]["bias"], 64 * steps[1.0]["bn"]["bias"], rtol=1e-6)
-    for name in ("scale",):
-        np.testing.assert_array_equal(steps[64.0]["bn"][name], steps[1.0]["bn"][name])
+    np.testing.assert_array_equal(steps[64.0]["bn"]["scale"], steps[1.0]["bn"]["scale"])
     np.testing.assert_array_equal(steps[64.0]["conv"]["kernel"], steps[1.0]["conv"]["kernel"])
 
 
@@ -326,6 +325,7 @@ def test_flip_tta_averages_the_logits_of_both_views():
     np.testing.assert_array_equal(tta(state, batch)["pred"], tta(state, flipped)["pred"])
     assert plain(state, batch)["pred"].shape == (32,)
 
+
 def test_translate_tta_adds_two_shifted_views_at_half_weight():
     from jaxcnn.data import preprocess
     from jaxcnn.train.step import make_eval_step
@@ -452,20 +452,18 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
 
-def test_eval_every_evaluates_every_nth_and_the_last_epoch(tmp_path, capsys):
-    calls = []
+def test_eval_every_evaluates_every_nth_and_the_last_epoch(tmp_path, capsys, monkeypatch):
     import jaxcnn.train.loop as loop_mod
-    real = loop_mod.evaluate_dataset
+    calls, real = [], loop_mod.evaluate_dataset
+
     def counting(run, state, ds, stop=None):
         calls.append(len(ds))
         return real(run, state, ds, stop)
-    loop_mod.evaluate_dataset = counting
-    try:
-        # no validation split: the last epoch's test evaluation is the final one, run once
-        s = train_and_evaluate(config(tmp_path, epochs=5, eval_every=2, val_fraction=0.0,
-                                      keep_best=False), data=dataclasses.replace(splits(), val=None))
-    finally:
-        loop_mod.evaluate_dataset = real
+
+    monkeypatch.setattr(loop_mod, "evaluate_dataset", counting)
+    # no validation split: the last epoch's test evaluation is the final one, run once
+    s = train_and_evaluate(config(tmp_path, epochs=5, eval_every=2, val_fraction=0.0,
+                                  keep_best=False), data=dataclasses.replace(splits(), val=None))
     assert calls == [64, 64, 64]  # epochs 2, 4 and 5 (the last); nothing after the loop
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [("test_acc" in l) for l in lines] == [False, True, False, True, True]

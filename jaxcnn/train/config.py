@@ -121,7 +121,7 @@ class TrainConfig:
     eval_every: int = _field(1, "evaluate the validation (or test) split every N epochs and after the "
                              "last; 0 = only after the last (epochs between log no val figures)",
                              "optimization", check=NONNEG)
-    tta_flip: bool = _field(False, "evaluate on each image and its mirror image, summing the logits "
+    tta_flip: bool = _field(False, "evaluate on each image and its mirror image, averaging the logits "
                             "(flip test-time augmentation)", "optimization")
     tta_translate: int = _field(0, "also evaluate on each image shifted by P pixels up-left and "
                                 "down-right (reflect padding), at half weight each; with --tta-flip, "

@@ -16,30 +16,13 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def _is_bias(path) -> bool:
-    return getattr(path[-1], "key", None) == "bias"
-
-
-def scale_bias_gradients(factor: float) -> optax.GradientTransformation:
-    """Multiplies the gradients of the parameters named `bias` (BatchNorm shifts, layer biases) by
-    `factor`. Placed before SGD/Adam's L2 term this is a learning-rate multiplier for those
-    parameters alone (they never decay: `decay_mask`). Stateless, like optax.identity(), so the
-    optimizer state has the same structure whatever the factor."""
-    def update(updates, state, params=None):
-        del params
-        return jax.tree_util.tree_map_with_path(
-            lambda path, g: g * jnp.asarray(factor, g.dtype) if _is_bias(path) else g, updates), state
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def _then(first: optax.GradientTransformation, second: optax.GradientTransformation
-          ) -> optax.GradientTransformation:
-    """`first` then the stateless `second`, keeping `first`'s state (not a chain's tuple): the
-    optimizer state, and so the checkpoints, have one structure whatever the bias factor."""
-    def update(updates, state, params=None):
-        updates, state = first.update(updates, state, params)
-        return second.update(updates, optax.EmptyState(), params)[0], state
-    return optax.GradientTransformation(first.init, update)
+def scale_biases(grads, factor: float):
+    """`grads` with those of the parameters named `bias` (BatchNorm shifts, layer biases) times
+    `factor`. Before SGD's L2 term this is a learning-rate multiplier for those parameters alone
+    (they never decay: `decay_mask`)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, g: g * jnp.asarray(factor, g.dtype) if getattr(path[-1], "key", None) == "bias" else g,
+        grads)
 
 
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
@@ -78,12 +61,15 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int
     Gradient clipping comes first; when it is off an identity keeps the state's structure the
     same, so a run may resume with a different clip_norm. Then `bias_lr_scale` (airbench's
     `bias_scaler`) multiplies the biases' gradients: with SGD (linear in the gradient) that is
-    their learning rate times the factor; with Adam it changes nothing but the clipping.
+    their learning rate times the factor; Adam, invariant to a per-parameter scale, ignores it.
     """
     schedule = make_schedule(config, steps_per_epoch)
     clip = optax.clip_by_global_norm(config.clip_norm) if config.clip_norm else optax.identity()
     if config.bias_lr_scale != 1.0:
-        clip = _then(clip, scale_bias_gradients(config.bias_lr_scale))
+        # One stateless step (either clip keeps no state), not a chain: the optimizer state, and
+        # so the checkpoints, keep one structure whatever the factor.
+        clip = optax.stateless(lambda g, p, c=clip: scale_biases(c.update(g, optax.EmptyState(), p)[0],
+                                                                 config.bias_lr_scale))
     wd = config.weight_decay
     if config.optimizer == "adamw":
         opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=wd, mask=decay_mask)
