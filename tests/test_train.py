@@ -135,6 +135,66 @@ def test_bias_lr_scale_multiplies_only_the_biases_sgd_steps():
     np.testing.assert_array_equal(steps[64.0]["conv"]["kernel"], steps[1.0]["conv"]["kernel"])
 
 
+def test_whiten_stem_starts_the_first_conv_whitened_and_frozen_keeps_it(tmp_path):
+    from jaxcnn.train.loop import build
+    from jaxcnn.train.whiten import stem_kernel_path, whitening_kernel
+    data = splits()
+    x = data.train.images
+    w = whitening_kernel(x, data.mean, data.std, (3, 3, 3, 8))
+    # Every 3x3 patch through it: 4 decorrelated unit-variance outputs (eigenvalue / (eigenvalue +
+    # eps) ~ 1) and their negatives.
+    z = (x.astype(np.float32) - np.float32(80.0)) / np.float32(60.0)
+    p = np.lib.stride_tricks.sliding_window_view(z, (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3)
+    out = p.reshape(-1, 27) @ w.reshape(27, 8)
+    np.testing.assert_allclose(out[:, :4].T @ out[:, :4] / len(out), np.eye(4), atol=2e-3)
+    np.testing.assert_array_equal(out[:, 4:], -out[:, :4])
+    with pytest.raises(ValueError, match="64 filters but 3x3x3 patches have only 27 directions"):
+        whitening_kernel(x, data.mean, data.std, (3, 3, 3, 64))
+    with pytest.raises(ValueError, match="exactly one convolution .* has 2 .*whiten-stem off"):
+        stem_kernel_path({"a": {"kernel": jnp.ones((3, 3, 3, 4))}, "b": {"kernel": jnp.ones((1, 1, 3, 4))}})
+
+    def stem(params):
+        for k in stem_kernel_path(params):
+            params = params[k]
+        return np.asarray(params)
+
+    for mode in ("init", "frozen"):
+        cfg = config(tmp_path / mode, epochs=2, whiten_stem=mode, optimizer="sgd", weight_decay=0.1)
+        np.testing.assert_allclose(stem(build(cfg, data).init_state().params), w, rtol=1e-5, atol=1e-6)
+        train_and_evaluate(cfg, data=data)
+        trained = stem(saved_params(tmp_path / mode, 2)["params"])
+        assert np.array_equal(trained, w) == (mode == "frozen"), mode  # no update, no decay
+    other = stem(build(config(tmp_path / "off"), data).init_state().params)
+    assert not np.allclose(other, w)
+
+
+def test_lookahead_pulls_towards_slow_weights_every_k_steps_and_ends_on_them(tmp_path):
+    from jaxcnn.train.step import lookahead_update
+    fast, slow = {"w": jnp.full(3, 10.0)}, {"w": jnp.zeros(3)}
+    f, s = lookahead_update(fast, slow, 3, 5, 10)       # between syncs: nothing moves
+    assert float(f["w"][0]) == 10.0 and float(s["w"][0]) == 0.0
+    d = 0.95 ** 5 * (5 / 10) ** 3                        # sync at t = 5: slow moves 1 - d of the way
+    f, s = lookahead_update(fast, slow, 5, 5, 10)
+    np.testing.assert_allclose(s["w"], 10 * (1 - d), rtol=1e-6)
+    np.testing.assert_array_equal(f["w"], s["w"])        # and the fast weights restart from it
+    f, s = lookahead_update(fast, slow, 12, 5, 12)      # the last update: the slow weights as they are
+    assert float(f["w"][0]) == 0.0 and float(s["w"][0]) == 0.0
+    with pytest.raises(ValueError, match="lookahead and ema_decay .* use one"):
+        TrainConfig(lookahead=5, ema_decay=0.9).validate()
+    # A run (6 steps per epoch x 2; 12 is no multiple of 5): it ends on the slow weights, and
+    # they differ from plain SGD's.
+    out = {}
+    for k in (0, 5):
+        wd = tmp_path / f"la{k}"
+        train_and_evaluate(config(wd, epochs=2, lookahead=k, optimizer="sgd", learning_rate=0.05), data=splits())
+        out[k] = saved_params(wd, 2)
+    assert out[0]["ema_params"] is None
+    for a, b in zip(jax.tree.leaves(out[5]["params"]), jax.tree.leaves(out[5]["ema_params"])):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(out[0]["params"]),
+                                                          jax.tree.leaves(out[5]["params"])))
+
+
 def test_recipes_name_their_seed_and_every_model_has_one():
     import jaxcnn
     from jaxcnn.train.recipes import RECIPES, build_config, default_recipe_for
@@ -153,6 +213,7 @@ def test_recipes_name_their_seed_and_every_model_has_one():
     fast = build_config("fast")
     assert (fast.model, fast.tta_flip, fast.optimizer, fast.val_fraction) == ("fastnet", True, "sgd", 0.0)
     assert (fast.eval_every, fast.tta_translate, fast.alternate_flip, fast.keep_best) == (0, 1, True, False)
+    assert (fast.whiten_stem, fast.lookahead) == ("frozen", 0)
     assert fast.validate() is fast  # its settings go together (no plateau or early stopping)
 
 

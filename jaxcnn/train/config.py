@@ -26,6 +26,7 @@ SCHEDULES = ("cosine", "step", "onecycle", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 MONITORS = ("val_loss", "val_acc")
 NORMALIZATIONS = ("dataset", "imagenet")
+WHITEN_STEM = ("off", "init", "frozen")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,10 @@ class TrainConfig:
     bias_lr_scale: float = _field(1.0, "learning-rate multiplier for parameters named bias "
                                   "(BatchNorm shifts, layer biases) under sgd; airbench uses 64",
                                   "optimization", check=POSITIVE)
+    whiten_stem: str = _field("off", "start the first convolution as a patch-whitening filter bank "
+                              "computed from 5,000 training images (airbench): +/- the leading "
+                              "eigenvectors of the patch covariance; 'frozen' also keeps it fixed "
+                              "(no updates, no decay)", "optimization", choices=WHITEN_STEM)
     clip_norm: Optional[float] = _field(None, "clip gradients by global norm (none = off)", "optimization",
                                         check=POSITIVE)
     label_smoothing: float = _field(0.0, "label smoothing", "optimization", check=FRACTION)
@@ -118,6 +123,10 @@ class TrainConfig:
                                    "optimization", check=POSITIVE)
     ema_decay: float = _field(0.0, "keep an exponential moving average of the weights and evaluate "
                               "with it (0 = off)", "optimization", check=FRACTION)
+    lookahead: int = _field(0, "every N steps pull the weights towards a slow copy and restart from "
+                            "it (airbench's lookahead: slow += (1 - d) (fast - slow), d rising as "
+                            "0.95^5 (t/T)^3; the last step takes the slow copy); 0 = off, airbench "
+                            "uses 5", "optimization", check=NONNEG)
     eval_every: int = _field(1, "evaluate the validation (or test) split every N epochs and after the "
                              "last; 0 = only after the last (epochs between log no val figures)",
                              "optimization", check=NONNEG)
@@ -204,6 +213,9 @@ class TrainConfig:
         if self.eval_every != 1 and (self.plateau_patience or self.early_stopping_patience):
             raise ValueError(f"eval_every={self.eval_every}: reduce-on-plateau and early stopping count "
                              "epochs of validation figures; use --eval-every 1 with them")
+        if self.lookahead and self.ema_decay:
+            raise ValueError("lookahead and ema_decay each keep a second copy of the weights in the "
+                             "same place; use one (--lookahead 0 or --ema-decay 0)")
         if self.eval_only and not self.checkpoint:
             raise ValueError("eval_only needs checkpoint (--checkpoint DIR)")
         return self

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcnn.train.config import TrainConfig
+from jaxcnn.train.whiten import is_stem_kernel, stem_kernel_path
 
 
 def decay_mask(params):
@@ -23,6 +24,21 @@ def scale_biases(grads, factor: float):
     return jax.tree_util.tree_map_with_path(
         lambda path, g: g * jnp.asarray(factor, g.dtype) if getattr(path[-1], "key", None) == "bias" else g,
         grads)
+
+
+def freeze_stem(grads, params):
+    """`grads` with the first convolution's kernel's zeroed (`whiten_stem='frozen'`): with its
+    decay masked too (`frozen_decay_mask`), every optimizer here leaves it unchanged."""
+    stem = stem_kernel_path(params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, g: jnp.zeros_like(g) if is_stem_kernel(path, stem) else g, grads)
+
+
+def frozen_decay_mask(params):
+    """decay_mask without the (frozen) first convolution's kernel."""
+    stem = stem_kernel_path(params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim > 1 and not is_stem_kernel(path, stem), params)
 
 
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
@@ -62,22 +78,28 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int
     same, so a run may resume with a different clip_norm. Then `bias_lr_scale` (airbench's
     `bias_scaler`) multiplies the biases' gradients: with SGD (linear in the gradient) that is
     their learning rate times the factor; Adam, invariant to a per-parameter scale, ignores it.
+    `whiten_stem='frozen'` zeroes the first convolution's gradient there and masks its decay.
     """
     schedule = make_schedule(config, steps_per_epoch)
     clip = optax.clip_by_global_norm(config.clip_norm) if config.clip_norm else optax.identity()
-    if config.bias_lr_scale != 1.0:
+    frozen = config.whiten_stem == "frozen"
+    if config.bias_lr_scale != 1.0 or frozen:
         # One stateless step (either clip keeps no state), not a chain: the optimizer state, and
-        # so the checkpoints, keep one structure whatever the factor.
-        clip = optax.stateless(lambda g, p, c=clip: scale_biases(c.update(g, optax.EmptyState(), p)[0],
-                                                                 config.bias_lr_scale))
+        # so the checkpoints, keep one structure whatever the settings.
+        def adjust(g, p, c=clip):
+            g = c.update(g, optax.EmptyState(), p)[0]
+            g = scale_biases(g, config.bias_lr_scale) if config.bias_lr_scale != 1.0 else g
+            return freeze_stem(g, p) if frozen else g
+        clip = optax.stateless(adjust)
+    mask = frozen_decay_mask if frozen else decay_mask
     wd = config.weight_decay
     if config.optimizer == "adamw":
-        opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=wd, mask=decay_mask)
+        opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=wd, mask=mask)
     elif config.optimizer == "adam":
-        opt = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask),
+        opt = optax.chain(optax.add_decayed_weights(wd, mask=mask),
                           optax.adam(schedule, b1=config.b1, b2=config.b2))
     elif config.optimizer == "sgd":
-        opt = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask),
+        opt = optax.chain(optax.add_decayed_weights(wd, mask=mask),
                           optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
     else:
         raise ValueError(f"unknown optimizer {config.optimizer!r}")

@@ -1,7 +1,7 @@
 """The explicit training state and the device mesh it lives on."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ class TrainState(train_state.TrainState):
 
     `step` counts optimizer updates; the step's randomness is `fold_in(rng, step)`, so the RNG
     state is (rng, step). `lr_scale` multiplies the schedule (reduce-on-plateau lowers it).
-    `ema_params` is None unless an EMA of the weights is kept.
+    `ema_params` is None unless an EMA of the weights (or lookahead's slow weights) is kept.
     """
     batch_stats: Any
     rng: jax.Array
@@ -46,7 +46,8 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def create_train_state(model, tx: optax.GradientTransformation, *, image_size: int, seed: int,
-                       precision: str = "fp32", ema: bool = False, dtype=jnp.float32) -> TrainState:
+                       precision: str = "fp32", ema: bool = False, dtype=jnp.float32,
+                       init_params: Optional[Callable[[Any], Any]] = None) -> TrainState:
     """Initialise parameters and BatchNorm statistics from `seed` (call under jit or eval_shape).
 
     Args:
@@ -57,12 +58,16 @@ def create_train_state(model, tx: optax.GradientTransformation, *, image_size: i
       precision: 'fp16' enables the dynamic loss scale.
       ema: keep an exponential moving average of the parameters.
       dtype: dtype of the dummy input.
+      init_params: applied to the initialised parameters before the optimizer and EMA see them
+        (e.g. a data-dependent first layer: jaxcnn.train.whiten).
     """
     root = jax.random.PRNGKey(seed)
     init_key, dropout_key, step_key = jax.random.split(root, 3)
     variables = model.init({"params": init_key, "dropout": dropout_key},
                            jnp.zeros((1, image_size, image_size, 3), dtype), train=False)
     params = variables["params"]
+    if init_params is not None:
+        params = init_params(params)
     state = TrainState.create(
         apply_fn=model.apply, params=params, tx=tx,
         batch_stats=variables.get("batch_stats", {}), rng=step_key,
