@@ -131,6 +131,12 @@ def test_bias_lr_scale_multiplies_only_the_biases_sgd_steps():
         assert jax.tree.structure(state) == jax.tree.structure(make_optimizer(
             TrainConfig(optimizer="sgd", clip_norm=10.0), 10)[0].init(params))
     np.testing.assert_allclose(steps[64.0]["bn"]["bias"], 64 * steps[1.0]["bn"]["bias"], rtol=1e-6)
+    tx, _ = make_optimizer(TrainConfig(optimizer="sgd", learning_rate=0.1, schedule="constant", momentum=0.9,
+                                       nesterov=True, weight_decay=0.01, clip_norm=10.0,
+                                       freeze_norm_scales=True), 10)
+    frozen = tx.update(grads, tx.init(params), params)[0]
+    assert float(jnp.abs(frozen["bn"]["scale"]).max()) == 0.0  # --freeze-norm-scales
+    np.testing.assert_array_equal(frozen["bn"]["bias"], steps[1.0]["bn"]["bias"])
     np.testing.assert_array_equal(steps[64.0]["bn"]["scale"], steps[1.0]["bn"]["scale"])
     np.testing.assert_array_equal(steps[64.0]["conv"]["kernel"], steps[1.0]["conv"]["kernel"])
 

@@ -91,6 +91,9 @@ class TrainConfig:
                               "computed from 5,000 training images (airbench): +/- the leading "
                               "eigenvectors of the patch covariance; 'frozen' also keeps it fixed "
                               "(no updates, no decay)", "optimization", choices=WHITEN_STEM)
+    freeze_norm_scales: bool = _field(False, "keep the normalisation layers' scales at 1 (airbench "
+                                      "freezes its BatchNorm weights and trains their biases at "
+                                      "--bias-lr-scale 64)", "optimization")
     clip_norm: Optional[float] = _field(None, "clip gradients by global norm (none = off)", "optimization",
                                         check=POSITIVE)
     label_smoothing: float = _field(0.0, "label smoothing", "optimization", check=FRACTION)

@@ -165,6 +165,8 @@ def build(config: TrainConfig, data, *, init: bool = True) -> Run:
     mean, std = normalization(config.normalize, data.mean, data.std)
     repl = replicated(mesh)
 
+    stem_path = None  # whiten_stem: the first convolution's kernel, found once shapes are known
+
     def init_fn(stem_kernel=None):
         init_params = None if stem_kernel is None else functools.partial(
             with_kernel, path=stem_path, kernel=stem_kernel)

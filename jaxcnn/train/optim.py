@@ -34,6 +34,13 @@ def freeze_stem(grads, params):
         lambda path, g: jnp.zeros_like(g) if is_stem_kernel(path, stem) else g, grads)
 
 
+def freeze_scales(grads):
+    """`grads` with those of the parameters named `scale` (the normalisation layers' gains) zeroed:
+    they stay at their init (1), as airbench's BatchNorm weights do. They never decay."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, g: jnp.zeros_like(g) if getattr(path[-1], "key", None) == "scale" else g, grads)
+
+
 def frozen_decay_mask(params):
     """decay_mask without the (frozen) first convolution's kernel."""
     stem = stem_kernel_path(params)
@@ -78,17 +85,19 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int
     same, so a run may resume with a different clip_norm. Then `bias_lr_scale` (airbench's
     `bias_scaler`) multiplies the biases' gradients: with SGD (linear in the gradient) that is
     their learning rate times the factor; Adam, invariant to a per-parameter scale, ignores it.
-    `whiten_stem='frozen'` zeroes the first convolution's gradient there and masks its decay.
+    `whiten_stem='frozen'` zeroes the first convolution's gradient there and masks its decay;
+    `freeze_norm_scales` zeroes the normalisation layers' scales' gradients.
     """
     schedule = make_schedule(config, steps_per_epoch)
     clip = optax.clip_by_global_norm(config.clip_norm) if config.clip_norm else optax.identity()
     frozen = config.whiten_stem == "frozen"
-    if config.bias_lr_scale != 1.0 or frozen:
+    if config.bias_lr_scale != 1.0 or frozen or config.freeze_norm_scales:
         # One stateless step (either clip keeps no state), not a chain: the optimizer state, and
         # so the checkpoints, keep one structure whatever the settings.
         def adjust(g, p, c=clip):
             g = c.update(g, optax.EmptyState(), p)[0]
             g = scale_biases(g, config.bias_lr_scale) if config.bias_lr_scale != 1.0 else g
+            g = freeze_scales(g) if config.freeze_norm_scales else g
             return freeze_stem(g, p) if frozen else g
         clip = optax.stateless(adjust)
     mask = frozen_decay_mask if frozen else decay_mask
