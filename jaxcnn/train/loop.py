@@ -5,7 +5,6 @@ import copy
 import functools
 import itertools
 import json
-import operator
 import os
 import signal
 import sys
@@ -29,7 +28,7 @@ from jaxcnn.train.recipes import describe
 from jaxcnn.train.state import (TrainState, create_train_state, data_sharded, make_mesh, param_count,
                                 replicated)
 from jaxcnn.train.step import TraceCounter, make_eval_step, make_fold_step, make_train_step, normalization
-from jaxcnn.train.whiten import stem_kernel_path, whitening_kernel, with_kernel
+from jaxcnn.train.whiten import stem_kernel_path, whitening_init
 
 # fp16: this many skipped (non-finite) steps in a row means the loss scale cannot recover.
 MAX_CONSECUTIVE_SKIPS = 25
@@ -165,11 +164,7 @@ def build(config: TrainConfig, data, *, init: bool = True) -> Run:
     mean, std = normalization(config.normalize, data.mean, data.std)
     repl = replicated(mesh)
 
-    stem_path = None  # whiten_stem: the first convolution's kernel, found once shapes are known
-
-    def init_fn(stem_kernel=None):
-        init_params = None if stem_kernel is None else functools.partial(
-            with_kernel, path=stem_path, kernel=stem_kernel)
+    def init_fn(init_params=None):
         # lookahead keeps its slow weights where the EMA would be (the two exclude each other)
         return create_train_state(model, tx, image_size=image_size, seed=config.seed,
                                   precision=config.precision, dtype=dtype, init_params=init_params,
@@ -180,14 +175,13 @@ def build(config: TrainConfig, data, *, init: bool = True) -> Run:
     except (TypeError, ValueError) as e:  # e.g. model_kwargs of the wrong type, images too small
         from jaxcnn.models.registry import build_error
         raise build_error(config.model, image_size, e, config.model_kwargs) from e
-    stem_kernel = None
+    init_params = None
     if config.whiten_stem != "off":  # checked now, before any step compiles
-        stem_path = stem_kernel_path(abstract.params)
+        stem_kernel_path(abstract.params)
         if init:  # ~1 s for 5,000 CIFAR images; a resumed run restores the kernel instead
-            shape = functools.reduce(operator.getitem, stem_path, abstract.params).shape
-            stem_kernel = whitening_kernel(data.train.images, mean, std, shape)
+            init_params = whitening_init(abstract.params, data.train.images, mean, std)
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
-    state = jax.jit(functools.partial(init_fn, stem_kernel), out_shardings=repl) if init else None
+    state = jax.jit(functools.partial(init_fn, init_params), out_shardings=repl) if init else None
     counter = TraceCounter()
     train_step = make_train_step(
         num_classes=num_classes, mean=mean, std=std, augment=config.augment_config(),

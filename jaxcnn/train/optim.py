@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules built from a TrainConfig."""
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import jax
@@ -11,41 +12,30 @@ from jaxcnn.train.config import TrainConfig
 from jaxcnn.train.whiten import is_stem_kernel, stem_kernel_path
 
 
-def decay_mask(params):
-    """True for parameters that get weight decay: kernels (ndim > 1). BatchNorm scales/biases and
-    all biases are 1-D and are left alone (decaying BN scales just fights the normalisation)."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+def grad_multipliers(params, config: TrainConfig):
+    """Per parameter, the factor its gradient is multiplied by after the clip: 0 (frozen) for the
+    first convolution's kernel under `whiten_stem='frozen'` and for normalisation scales under
+    `freeze_norm_scales`; `bias_lr_scale` for parameters named `bias` (BatchNorm shifts, layer
+    biases: with SGD, linear in the gradient, their learning rate times the factor); else 1."""
+    stem = stem_kernel_path(params) if config.whiten_stem == "frozen" else None
+
+    def factor(path, p) -> float:
+        name = getattr(path[-1], "key", None)
+        if (stem is not None and is_stem_kernel(path, stem)) or (name == "scale" and config.freeze_norm_scales):
+            return 0.0
+        return config.bias_lr_scale if name == "bias" else 1.0
+    return jax.tree_util.tree_map_with_path(factor, params)
 
 
-def scale_biases(grads, factor: float):
-    """`grads` with those of the parameters named `bias` (BatchNorm shifts, layer biases) times
-    `factor`. Before SGD's L2 term this is a learning-rate multiplier for those parameters alone
-    (they never decay: `decay_mask`)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, g: g * jnp.asarray(factor, g.dtype) if getattr(path[-1], "key", None) == "bias" else g,
-        grads)
+def _scaled(g, m: float):
+    return g if m == 1.0 else jnp.zeros_like(g) if m == 0.0 else g * jnp.asarray(m, g.dtype)
 
 
-def freeze_stem(grads, params):
-    """`grads` with the first convolution's kernel's zeroed (`whiten_stem='frozen'`): with its
-    decay masked too (`frozen_decay_mask`), every optimizer here leaves it unchanged."""
-    stem = stem_kernel_path(params)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, g: jnp.zeros_like(g) if is_stem_kernel(path, stem) else g, grads)
-
-
-def freeze_scales(grads):
-    """`grads` with those of the parameters named `scale` (the normalisation layers' gains) zeroed:
-    they stay at their init (1), as airbench's BatchNorm weights do. They never decay."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, g: jnp.zeros_like(g) if getattr(path[-1], "key", None) == "scale" else g, grads)
-
-
-def frozen_decay_mask(params):
-    """decay_mask without the (frozen) first convolution's kernel."""
-    stem = stem_kernel_path(params)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, p: p.ndim > 1 and not is_stem_kernel(path, stem), params)
+def decay_mask(params, config: TrainConfig):
+    """True for parameters that get weight decay: kernels (ndim > 1) that are not frozen
+    (`grad_multipliers` 0). BatchNorm scales/biases and all biases are 1-D and are left alone
+    (decaying BN scales just fights the normalisation)."""
+    return jax.tree.map(lambda p, m: p.ndim > 1 and m != 0.0, params, grad_multipliers(params, config))
 
 
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
@@ -82,25 +72,20 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int
     adam, sgd: L2 decay added to the gradient (wd * w), as torch's `weight_decay=` and seed 000's
       "L2 1e-4". Either way only kernels decay (`decay_mask`).
     Gradient clipping comes first; when it is off an identity keeps the state's structure the
-    same, so a run may resume with a different clip_norm. Then `bias_lr_scale` (airbench's
-    `bias_scaler`) multiplies the biases' gradients: with SGD (linear in the gradient) that is
-    their learning rate times the factor; Adam, invariant to a per-parameter scale, ignores it.
-    `whiten_stem='frozen'` zeroes the first convolution's gradient there and masks its decay;
-    `freeze_norm_scales` zeroes the normalisation layers' scales' gradients.
+    same, so a run may resume with a different clip_norm. Then `grad_multipliers` scales each
+    parameter's gradient (airbench's `bias_scaler`, frozen parameters; Adam, invariant to a
+    per-parameter scale, ignores all but the zeros); frozen kernels are not decayed either.
     """
     schedule = make_schedule(config, steps_per_epoch)
     clip = optax.clip_by_global_norm(config.clip_norm) if config.clip_norm else optax.identity()
-    frozen = config.whiten_stem == "frozen"
-    if config.bias_lr_scale != 1.0 or frozen or config.freeze_norm_scales:
+    if config.bias_lr_scale != 1.0 or config.whiten_stem == "frozen" or config.freeze_norm_scales:
         # One stateless step (either clip keeps no state), not a chain: the optimizer state, and
         # so the checkpoints, keep one structure whatever the settings.
         def adjust(g, p, c=clip):
             g = c.update(g, optax.EmptyState(), p)[0]
-            g = scale_biases(g, config.bias_lr_scale) if config.bias_lr_scale != 1.0 else g
-            g = freeze_scales(g) if config.freeze_norm_scales else g
-            return freeze_stem(g, p) if frozen else g
+            return jax.tree.map(_scaled, g, grad_multipliers(p, config))
         clip = optax.stateless(adjust)
-    mask = frozen_decay_mask if frozen else decay_mask
+    mask = functools.partial(decay_mask, config=config)
     wd = config.weight_decay
     if config.optimizer == "adamw":
         opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=wd, mask=mask)

@@ -8,7 +8,7 @@ filters fixed (`whiten_stem='frozen'`); 'init' only starts from them.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Any, Callable, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -64,8 +64,8 @@ def whitening_kernel(images: np.ndarray, mean: Sequence[float], std: Sequence[fl
     for i in range(0, len(images), chunk):
         x = (images[i:i + chunk].astype(np.float32) - mean) / std
         p = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))  # N, H', W', C, kh, kw
-        p = p.transpose(0, 1, 2, 4, 5, 3).reshape(-1, d)  # (kh, kw, c) order = the HWIO kernel's
-        cov += p.T.astype(np.float64) @ p
+        p = p.transpose(0, 1, 2, 4, 5, 3).reshape(-1, d).astype(np.float64)  # HWIO's (kh, kw, c) order
+        cov += p.T @ p
         n += len(p)
     eigval, eigvec = np.linalg.eigh(cov / n)          # ascending
     eigval, eigvec = eigval[::-1], eigvec[:, ::-1]    # largest first
@@ -76,7 +76,14 @@ def whitening_kernel(images: np.ndarray, mean: Sequence[float], std: Sequence[fl
     return w.reshape(kh, kw, cin, cout)
 
 
-def with_kernel(params, path: Tuple[str, ...], kernel):
-    """`params` with the leaf at `path` replaced by `kernel` (cast to its dtype)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, v: jnp.asarray(kernel, v.dtype) if is_stem_kernel(p, path) else v, params)
+def whitening_init(params, images: np.ndarray, mean: Sequence[float], std: Sequence[float]
+                   ) -> Callable[[Any], Any]:
+    """For create_train_state(init_params=...): replaces the stem kernel of `params` (shapes are
+    enough: jax.eval_shape's) by `whitening_kernel` of `images`."""
+    path = stem_kernel_path(params)
+    leaf = params
+    for k in path:
+        leaf = leaf[k]
+    kernel = whitening_kernel(images, mean, std, tuple(leaf.shape))
+    return lambda p: jax.tree_util.tree_map_with_path(
+        lambda q, v: jnp.asarray(kernel, v.dtype) if is_stem_kernel(q, path) else v, p)
