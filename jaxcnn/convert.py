@@ -26,11 +26,6 @@ class ConversionError(ValueError):
     """The state_dict does not fit the model: unknown keys, missing keys or wrong shapes."""
 
 
-def _shift(prefix: str, group: int = 1) -> Callable[[re.Match], str]:
-    """A rename for 0-based ModuleList indices -> 1-based Flax names (`stages.0` -> `stage1`)."""
-    return lambda m: f"{prefix}{int(m.group(group)) + 1}"
-
-
 # Renames act on the torch module path (the key without its leaf name), in order.
 # torchvision DenseNet (ImageNet and the CIFAR stem): everything lives under `features.`.
 _DENSENET: Sequence[Rename] = [(r"^features\.", "")]
@@ -43,17 +38,19 @@ _RESNET: Sequence[Rename] = [(r"^layer(\d+)\.(\d+)", r"layer\1_\2"),
 _RESDENSENET: Sequence[Rename] = [
     (r"^stem\.0$", "stem_conv"), (r"^stem\.1$", "stem_bn"),
     (r"^stages\.(\d+)\.dense_layers\.(\d+)\.bn(\d)$",
-     lambda m: f"stage{int(m[1]) + 1}.dense.denselayer{int(m[2]) + 1}.norm{m[3]}"),
+     lambda m: f"block{int(m[1]) + 1}.dense.denselayer{int(m[2]) + 1}.norm{m[3]}"),
     (r"^stages\.(\d+)\.dense_layers\.(\d+)\.conv(\d)$",
-     lambda m: f"stage{int(m[1]) + 1}.dense.denselayer{int(m[2]) + 1}.conv{m[3]}"),
-    (r"^stages\.(\d+)\.compress\.0$", lambda m: f"stage{int(m[1]) + 1}.compress_norm"),
-    (r"^stages\.(\d+)\.compress\.2$", lambda m: f"stage{int(m[1]) + 1}.compress_conv"),
+     lambda m: f"block{int(m[1]) + 1}.dense.denselayer{int(m[2]) + 1}.conv{m[3]}"),
+    (r"^stages\.(\d+)\.compress\.0$", lambda m: f"block{int(m[1]) + 1}.compress_norm"),
+    (r"^stages\.(\d+)\.compress\.2$", lambda m: f"block{int(m[1]) + 1}.compress_conv"),
     (r"^transitions\.(\d+)\.bn$", lambda m: f"transition{int(m[1]) + 1}.norm"),
     (r"^transitions\.(\d+)\.conv$", lambda m: f"transition{int(m[1]) + 1}.conv")]
-# jaxcnn.torch_ref's SimpleCNN, VGG and MobileNetV1 already use the Flax names.
+# jaxcnn.torch_ref's SimpleCNN and VGG already use the Flax names; MobileNetV1's stem is `conv_stem`
+# in Flax (`stem` names its output in `intermediates`).
+_MOBILENET: Sequence[Rename] = [(r"^stem\.", "conv_stem.")]
 _FAMILIES: Sequence[Tuple[type, Sequence[Rename]]] = [
     (DenseNet, _DENSENET), (ResNet, _RESNET), (ResDenseNet, _RESDENSENET),
-    (SimpleCNN, ()), (VGG, ()), (MobileNetV1, ())]
+    (SimpleCNN, ()), (VGG, ()), (MobileNetV1, _MOBILENET)]
 
 # torch leaf -> (Flax collection, leaf) for conv/linear modules and for BatchNorm.
 _DENSE_LEAVES = {"weight": ("params", "kernel"), "bias": ("params", "bias")}

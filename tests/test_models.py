@@ -252,6 +252,23 @@ def test_features_and_intermediates():
     chex.assert_shape(stages["stage4"][0], (2, 4, 4, 64))
 
 
+@pytest.mark.parametrize("name", jaxcnn.list_models())
+def test_every_model_returns_its_intermediates(name):
+    # Shapes only (eval_shape). A sown name that is also a submodule's name raises in Flax, so this
+    # fails for any model whose stem or blocks are named like its intermediates.
+    m = jaxcnn.create_model(name)
+    x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    v = jax.eval_shape(lambda x: m.init(jax.random.PRNGKey(0), x), x)
+    feats = jax.eval_shape(lambda v, x: m.apply(v, x, features_only=True), v, x)
+    _, inter = jax.eval_shape(lambda v, x: m.apply(v, x, mutable=["intermediates"]), v, x)
+    names = set(inter["intermediates"])
+    n = len([k for k in names if k.startswith("stage")])
+    assert n >= 2 and names - {"stem"} == {f"stage{i + 1}" for i in range(n)}, names
+    assert ("stem" in names) == (name not in ("simple_cnn", "vgg16_bn_cifar")), names
+    sides = [inter["intermediates"][f"stage{i + 1}"][0].shape[1] for i in range(n)]
+    assert all(a > b for a, b in zip(sides, sides[1:])), sides  # one per resolution, in order
+
+
 def test_torch_style_padding_on_strided_convs():
     # PyTorch pads a 3x3 stride-2 conv by 1 on every side; 'SAME' would pad (0, 1) on even inputs.
     c = layers.conv(1, 3, 2)
@@ -394,3 +411,22 @@ def test_transition_pools_before_its_conv(size, dtype):
     assert got.shape == (2, size // 2, size // 2, 6) and got.dtype == dtype
     tol = 1e-5 if dtype == jnp.float32 else 3e-2
     np.testing.assert_allclose(np.asarray(got, np.float32), conv_then_pool(v, x), rtol=tol, atol=tol)
+
+
+def test_fastnet_2x2_stem_is_unpadded_and_whitens_every_patch_direction():
+    # airbench's layer: a 2x2 unpadded stem (32 -> 31 px, then 15, 7, 3), whose 24 filters are
+    # +/- all 12 directions of a 2x2x3 patch, so whitening keeps every direction.
+    from jaxcnn.train.whiten import whitening_kernel
+    m = jaxcnn.create_model("fastnet", stem_kernel=2)
+    x = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    v = random_variables(m, x.shape)
+    assert v["params"]["stem_conv"]["kernel"].shape == (2, 2, 3, 24)
+    _, inter = m.apply(v, jnp.asarray(x, jnp.float32), mutable=["intermediates"])
+    assert [inter["intermediates"][k][0].shape[1] for k in ("stem", "stage1", "stage2", "stage3")] == [31, 15, 7, 3]
+    w = whitening_kernel(x, (128.0,) * 3, (64.0,) * 3, (2, 2, 3, 24))
+    z = (x.astype(np.float32) - 128.0) / 64.0
+    p = np.lib.stride_tricks.sliding_window_view(z, (2, 2), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3)
+    out = p.reshape(-1, 12) @ w.reshape(12, 24)
+    cov = out.T @ out / len(out)
+    np.testing.assert_allclose(cov[:12, :12], np.eye(12), atol=3e-3)  # uniform noise: eigenvalues ~0.33
+    np.testing.assert_allclose(cov[12:, 12:], np.eye(12), atol=3e-3)

@@ -150,7 +150,7 @@ def test_resdensenet_seed_names():
     """Seed 004's 0-based ModuleLists land on jaxcnn's 1-based names."""
     sd = torch_model("resdensenet", 3).state_dict()
     v = from_torch("resdensenet", sd)
-    np.testing.assert_array_equal(v["params"]["stage2"]["dense"]["denselayer3"]["norm2"]["scale"],
+    np.testing.assert_array_equal(v["params"]["block2"]["dense"]["denselayer3"]["norm2"]["scale"],
                                   sd["stages.1.dense_layers.2.bn2.weight"].numpy())
     np.testing.assert_array_equal(v["params"]["transition3"]["conv"]["kernel"][0, 0],
                                   sd["transitions.2.conv.weight"].numpy()[:, :, 0, 0].T)

@@ -18,7 +18,7 @@ def test_resdensenet_matches_seed_torchsummary():
     rows = {row["path"]: row for row in r["rows"]}
     # Rows the seed's table shows: Conv2d-1, Conv2d-116, Linear-119.
     assert rows["stem_conv"]["params"] == 9_408 and rows["stem_conv"]["output_shape"] == (1, 112, 112, 64)
-    assert rows["stage4/compress_conv"]["params"] == 327_680
+    assert rows["block4/compress_conv"]["params"] == 327_680
     assert rows["classifier"]["params"] == 1_539 and rows["classifier"]["type"] == "Dense"
     assert abs(r["input_size_mb"] - 0.57) < 0.005 and abs(r["params_size_mb"] - 7.58) < 0.005
 

@@ -47,10 +47,10 @@ class DenseNet(nn.Module):
             x = DenseBlock(n, self.growth_rate, self.bn_size, self.drop_rate, remat=self.remat,
                            name=f"denseblock{i + 1}", **kw)(x, train)
             ch += n * self.growth_rate
+            self.sow("intermediates", f"stage{i + 1}", x)  # the block's output, before its transition
             if i != len(self.block_config) - 1:
                 ch = transition_features(ch, self.compression)
                 x = Transition(ch, name=f"transition{i + 1}", **kw)(x, train)
-            self.sow("intermediates", f"stage{i + 1}", x)
         x = norm_relu(norm(train, name="norm5", **kw), x)
         x = jnp.mean(x, axis=(1, 2))
         if features_only:

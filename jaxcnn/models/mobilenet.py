@@ -27,9 +27,14 @@ class MobileNetV1(nn.Module):
     def __call__(self, x, train: bool = False, features_only: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         scale = lambda c: max(8, int(c * self.width))  # noqa: E731
-        x = ConvBNAct(scale(32), 3, name="stem", **kw)(x, train)
+        x = ConvBNAct(scale(32), 3, name="conv_stem", **kw)(x, train)
+        self.sow("intermediates", "stem", x)
+        stage = 0
         for i, (c, s) in enumerate(self.cfg):
             x = DepthwiseSeparableConv(scale(c), s, name=f"ds{i + 1}", **kw)(x, train)
+            if i + 1 == len(self.cfg) or self.cfg[i + 1][1] > 1:  # the last unit at this resolution
+                stage += 1
+                self.sow("intermediates", f"stage{stage}", x)
         x = jnp.mean(x, axis=(1, 2))
         if features_only:
             return x

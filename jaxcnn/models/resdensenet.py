@@ -1,6 +1,6 @@
 """Seed 004's ResDenseNet: dense residual blocks (concat inside, add outside) with doubling
-transitions. Names mirror the seed's PyTorch module (stem, stage{i}, transition{i}, final_bn,
-classifier)."""
+transitions. Names mirror the seed's PyTorch module (stem, stages.{i} as block{i+1}, transition{i},
+final_bn, classifier); `stage{i}` is the name of each block's output in `intermediates`."""
 from __future__ import annotations
 
 from functools import partial
@@ -42,7 +42,7 @@ class ResDenseNet(nn.Module):
         for i, n in enumerate(self.block_config):
             x = DenseResidualBlock(n, self.growth_rate, self.bn_size, se=self.se,
                                    se_reduction=self.se_reduction, remat=self.remat,
-                                   name=f"stage{i + 1}", **kw)(x, train)
+                                   name=f"block{i + 1}", **kw)(x, train)
             self.sow("intermediates", f"stage{i + 1}", x)
             if i != len(self.block_config) - 1:
                 ch *= 2

@@ -24,10 +24,12 @@ class VGG(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, features_only: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        i = 0
+        i = stage = 0
         for v in self.cfg:
             if v == "M":
                 x = ops.max_pool(x, 2, 2)
+                stage += 1
+                self.sow("intermediates", f"stage{stage}", x)
             else:
                 i += 1
                 x = ConvBNAct(v, 3, use_bias=True, name=f"conv{i}", **kw)(x, train)
