@@ -3,6 +3,7 @@
 Tiny models (simple_cnn at widths 8/16/16) on 16 px synthetic images keep each run to seconds.
 """
 import dataclasses
+from typing import Any, Tuple
 import json
 import os
 import re
@@ -172,6 +173,30 @@ def test_whiten_stem_starts_the_first_conv_whitened_and_frozen_keeps_it(tmp_path
         assert np.array_equal(trained, w) == (mode == "frozen"), mode  # no update, no decay
     other = stem(build(config(tmp_path / "off"), data).init_state().params)
     assert not np.allclose(other, w)
+
+
+def test_whiten_stem_refuses_a_model_with_two_rgb_convolutions_in_either_mode(tmp_path, monkeypatch):
+    # 'frozen' meets the stem first in the optimizer's mask, inside the state's tracing: the error
+    # must still name the setting, not be reported as a model that cannot be built.
+    import flax.linen as nn
+    from jaxcnn.models import registry
+    from jaxcnn.train.loop import build
+
+    class TwoRGB(nn.Module):
+        num_classes: int = 4
+        dtype: Any = jnp.float32
+        hidden: int = 0
+        widths: Tuple[int, ...] = ()
+
+        @nn.compact
+        def __call__(self, x, train=False, features_only=False):
+            y = nn.Conv(4, (3, 3), name="a")(x) + nn.Conv(4, (1, 1), name="b")(x)
+            return nn.Dense(self.num_classes)(jnp.mean(y, (1, 2)))
+    monkeypatch.setitem(registry._REGISTRY, "two_rgb", registry.ModelInfo(
+        "two_rgb", lambda **kw: TwoRGB(**kw), 32, 4, "default", ""))
+    for mode in ("init", "frozen"):
+        with pytest.raises(ValueError, match=r"^whiten_stem needs exactly one convolution .* has 2 \(a/kernel, b/kernel\)"):
+            build(config(tmp_path, model="two_rgb", whiten_stem=mode, optimizer="sgd"), splits())
 
 
 def test_lookahead_pulls_towards_slow_weights_every_k_steps_and_ends_on_them(tmp_path):

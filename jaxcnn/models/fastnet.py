@@ -74,11 +74,9 @@ class FastNet(nn.Module):
     def __call__(self, x, train: bool = False, features_only: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         act = {"gelu": nn.gelu, "relu": nn.relu}[self.act]
-        if self.stem_stride == 1:  # odd kernels padded to keep the side, even ones unpadded
-            k = self.stem_kernel
-            x = conv(self.stem_width, k, padding=(k - 1) // 2, name="stem_conv", **kw)(x)
-        else:
-            x = conv(self.stem_width, self.stem_stride, self.stem_stride, padding=0, name="stem_conv", **kw)(x)
+        s = self.stem_stride  # > 1: a patchify stem, kernel = stride; else odd kernels keep the side
+        k = s if s > 1 else self.stem_kernel
+        x = conv(self.stem_width, k, s, padding=0 if s > 1 else (k - 1) // 2, name="stem_conv", **kw)(x)
         x = act(norm(train, name="stem_bn", **kw)(x))
         self.sow("intermediates", "stem", x)
         for i, w in enumerate(self.widths):

@@ -28,7 +28,7 @@ from jaxcnn.train.recipes import describe
 from jaxcnn.train.state import (TrainState, create_train_state, data_sharded, make_mesh, param_count,
                                 replicated)
 from jaxcnn.train.step import TraceCounter, make_eval_step, make_fold_step, make_train_step, normalization
-from jaxcnn.train.whiten import stem_kernel_path, whitening_init
+from jaxcnn.train.whiten import StemError, stem_kernel_path, whitening_init
 
 # fp16: this many skipped (non-finite) steps in a row means the loss scale cannot recover.
 MAX_CONSECUTIVE_SKIPS = 25
@@ -172,14 +172,17 @@ def build(config: TrainConfig, data, *, init: bool = True) -> Run:
 
     try:
         abstract = jax.eval_shape(init_fn)
+    except StemError:  # raised by the optimizer's frozen-stem mask: the setting, not the model's build
+        raise
     except (TypeError, ValueError) as e:  # e.g. model_kwargs of the wrong type, images too small
         from jaxcnn.models.registry import build_error
         raise build_error(config.model, image_size, e, config.model_kwargs) from e
     init_params = None
     if config.whiten_stem != "off":  # checked now, before any step compiles
-        stem_kernel_path(abstract.params)
-        if init:  # ~1 s for 5,000 CIFAR images; a resumed run restores the kernel instead
+        if init:  # ~1 s for 5,000 CIFAR images
             init_params = whitening_init(abstract.params, data.train.images, mean, std)
+        else:  # a resumed run restores the kernel; the model must still have one stem
+            stem_kernel_path(abstract.params)
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
     state = jax.jit(functools.partial(init_fn, init_params), out_shardings=repl) if init else None
     counter = TraceCounter()

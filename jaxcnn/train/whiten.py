@@ -19,14 +19,19 @@ WHITEN_EPS = 5e-4      # airbench's eps (normalised pixels)
 WHITEN_PATCHES = WHITEN_IMAGES * 31 * 31  # 2x2 patches of 5,000 32x32 images: fewer, larger images
 
 
+class StemError(ValueError):
+    """The model has no single first convolution to whiten (a setting error, not a build error)."""
+
+
 def stem_kernel_path(params) -> Tuple[str, ...]:
     """Path (module names..., 'kernel') of the one convolution kernel that reads the RGB input:
-    the only 4-D parameter with 3 input channels. Raises when a model has none or several."""
+    the only 4-D parameter with 3 input channels. Raises StemError when a model has none or
+    several."""
     found = [tuple(k.key for k in path) for path, p in jax.tree_util.tree_flatten_with_path(params)[0]
              if getattr(p, "ndim", 0) == 4 and p.shape[2] == 3 and getattr(path[-1], "key", None) == "kernel"]
     if len(found) != 1:
         where = ", ".join("/".join(f) for f in found) or "none"
-        raise ValueError(f"whiten_stem needs exactly one convolution reading the 3 input channels; this "
+        raise StemError(f"whiten_stem needs exactly one convolution reading the 3 input channels; this "
                          f"model has {len(found)} ({where}); use --whiten-stem off")
     return found[0]
 
