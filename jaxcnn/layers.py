@@ -57,12 +57,13 @@ class BiasedConv(nn.Conv):
 
 
 def norm(train: bool, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-         name: Optional[str] = None, scale_init=nn.initializers.ones) -> nn.Module:
-    """BatchNorm with PyTorch's defaults; batch statistics over the (global) batch when training."""
+         name: Optional[str] = None, scale_init=nn.initializers.ones, momentum: float = 0.9) -> nn.Module:
+    """BatchNorm with PyTorch's defaults; batch statistics over the (global) batch when training.
+    `momentum` is Flax's (the running averages' decay): PyTorch's momentum m is Flax's 1 - m."""
     if ops.CUSTOM_BN:
-        return BatchNorm(use_running_average=not train, dtype=dtype, param_dtype=param_dtype,
-                         scale_init=scale_init, name=name)
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+        return BatchNorm(use_running_average=not train, momentum=momentum, dtype=dtype,
+                         param_dtype=param_dtype, scale_init=scale_init, name=name)
+    return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=1e-5, dtype=dtype,
                         param_dtype=param_dtype, scale_init=scale_init, name=name)
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from functools import partial
+from functools import partial, reduce
 from typing import Sequence, Tuple
 
 import jax
@@ -294,7 +294,25 @@ def _max_pool(x, window, stride, padding):
     return _max_of_taps(x, window, stride, padding)
 
 
+def _keeps_first(window, stride, padding) -> bool:
+    """Whether the forward pass keeps each window's first-max tap instead of x and y: windows
+    that tile the image (the 2x2 pools), on the CPU (elsewhere the forward is reduce-window)."""
+    return window == stride and padding == 0 and on_cpu()
+
+
 def _max_pool_fwd(x, window, stride, padding):
+    if _keeps_first(window, stride, padding):
+        # The residual is each window's first-max tap, from the taps the maximum reads, not x:
+        # the backward pass no longer crops x to whole windows and slices each tap out of the
+        # crop (on fastnet's odd sides, 31, 15 and 7 px, two extra copies of x per pool). XLA
+        # may still keep the taps and fuse the index into the backward loop (it does in
+        # fastnet's step; an optimization barrier that kept the index made it no faster).
+        # fastnet bf16 step, batch 256: +9-11% (benchmarks/NOTES.md, session 29).
+        _, h, w, _ = x.shape
+        taps = pool_taps(x, window, stride, h // stride, w // stride)
+        y = reduce(jnp.maximum, taps)
+        first = _first_max(taps, y).astype(jnp.int8 if window * window < 127 else jnp.int32)
+        return y, (first, jnp.zeros((0, h, w, 0), x.dtype))  # the second only carries x's sides
     y = _max_of_taps(x, window, stride, padding)
     return y, (x, y)
 
@@ -303,9 +321,13 @@ def _max_pool_bwd(window, stride, padding, res, g):
     # Instead of select-and-scatter: the index of each window's first maximum (one compare per
     # tap, on strided slices), then per tap the cotangent where that index matches, summed into
     # the input per stride phase (`_phased_scatter`). All elementwise.
+    if _keeps_first(window, stride, padding):
+        first, like = res
+        return (_tiled_scatter(first, g, stride, like.shape[1:3]),)
     x, y = res
     if window == stride and padding == 0:
-        return (_tiled_max_pool_bwd(x, y, g, stride),)
+        first = _first_max(pool_taps(x, stride, stride, *y.shape[1:3]), y)
+        return (_tiled_scatter(first, g, stride, x.shape[1:3]),)
     xp = _pad_inf(x, padding)
     hp, wp = xp.shape[1:3]
     ho, wo = y.shape[1:3]
@@ -360,21 +382,20 @@ def _first_max(taps, y):
     return first
 
 
-def _tiled_max_pool_bwd(x, y, g, s: int):
+def _tiled_scatter(first, g, s: int, hw):
     """The gradient when the windows tile the image (window == stride, no padding; the 2x2
-    pools): the index of each window's first maximum, then the cotangent broadcast over the
-    window where the tap index matches. Views by reshape, no pads: the general loop above
-    evaluates x (and whatever XLA fused into it: conv bias, BatchNorm, ReLU) once per tap and
-    output element, which cost simple_cnn's step 10 of its 45 ms at batch 128."""
-    n, h, w, c = x.shape
-    ho, wo = y.shape[1:3]
-    xw = x[:, :ho * s, :wo * s].reshape(n, ho, s, wo, s, c)
-    first = _first_max([xw[:, :, t // s, :, t % s] for t in range(s * s)], y)
-    taps = lax.broadcasted_iota(jnp.int32, (1, 1, s, 1, s, 1), 2) * s + \
-        lax.broadcasted_iota(jnp.int32, (1, 1, s, 1, s, 1), 4)
+    pools): the cotangent broadcast over each window where the tap index matches `first`, then
+    zeros for the rows and columns past the last window (floor mode). Views by reshape, no
+    scatter: the general loop above evaluates x (and whatever XLA fused into it: conv bias,
+    BatchNorm, ReLU) once per tap and output element, which cost simple_cnn's step 10 of its
+    45 ms at batch 128."""
+    n, ho, wo, c = g.shape
+    h, w = hw
+    taps = (lax.broadcasted_iota(first.dtype, (1, 1, s, 1, s, 1), 2) * s +
+            lax.broadcasted_iota(first.dtype, (1, 1, s, 1, s, 1), 4))
     dx = jnp.where(taps == first[:, :, None, :, None], g[:, :, None, :, None], jnp.zeros((), g.dtype))
     dx = dx.reshape(n, ho * s, wo * s, c)
-    if (h, w) != (ho * s, wo * s):  # floor mode: rows and columns past the last window
+    if (h, w) != (ho * s, wo * s):
         dx = jnp.pad(dx, ((0, 0), (0, h - ho * s), (0, w - wo * s), (0, 0)))
     return dx
 

@@ -430,3 +430,24 @@ def test_fastnet_2x2_stem_is_unpadded_and_whitens_every_patch_direction():
     cov = out.T @ out / len(out)
     np.testing.assert_allclose(cov[:12, :12], np.eye(12), atol=3e-3)  # uniform noise: eigenvalues ~0.33
     np.testing.assert_allclose(cov[12:, 12:], np.eye(12), atol=3e-3)
+
+
+def test_fastnet_airbench_stem_has_a_bias_and_no_batchnorm_and_bn_momentum_is_flax_s():
+    # stem_norm=False is airbench's stem: act(whitening conv + bias), no BatchNorm after it
+    m = jaxcnn.create_model("fastnet", widths=(8, 16, 16), stem_norm=False, bn_momentum=0.6)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
+    v = random_variables(m, x.shape)
+    p = v["params"]["stem_conv"]
+    assert "stem_bn" not in v["params"] and p["bias"].shape == (24,)
+    _, inter = m.apply(v, x, mutable=["intermediates"])
+    want = nn.relu(lax.conv_general_dilated(x, p["kernel"], (1, 1), "VALID",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["bias"])
+    np.testing.assert_allclose(inter["intermediates"]["stem"][0], want, rtol=1e-5, atol=1e-5)
+    # the running mean moves by (1 - momentum) of the batch's: compare momentum 0.6 with 0.9
+    m9 = jaxcnn.create_model("fastnet", widths=(8, 16, 16), stem_norm=False, bn_momentum=0.9)
+    before = np.asarray(v["batch_stats"]["block1"]["bn1"]["mean"])
+    got = {mom: np.asarray(mod.apply(v, x, train=True, mutable=["batch_stats"])[1]
+                           ["batch_stats"]["block1"]["bn1"]["mean"]) for mom, mod in ((0.6, m), (0.9, m9))}
+    batch_mean = (got[0.9] - 0.9 * before) / 0.1
+    assert np.abs(batch_mean).max() > 1e-3
+    np.testing.assert_allclose(got[0.6], 0.6 * before + 0.4 * batch_mean, rtol=1e-4, atol=1e-5)
