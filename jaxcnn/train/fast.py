@@ -21,8 +21,8 @@ copy, n=1, seed 0, `--recipe fast --no-progress`, plus the flags named):
       slices each tap out of the crop (jaxcnn/ops.py `_max_pool_fwd`). The bf16 train step at
       batch 256, both versions in one process, timed alternately: 997 -> 1,237 img/s (+24%); in
       the training loop (`--recipe fast --epochs 2`, the two commits alternated, 2 runs each):
-      1,089-1,173 -> 1,249-1,277 img/s (+10%). The loop gains less than the bare step; not
-      explained (the loop's own step on a fixed batch ran 1,158 img/s in a separate process).
+      1,089-1,173 -> 1,249-1,277 img/s (+10%), as the recipe's own step does (in one process,
+      alternated: 1,045 -> 1,172 img/s, +12%; why it gains less than the bare step is open).
       Training values are unchanged up to bf16 rounding (the pool is exact): on the validation
       split below, 90.50% (test 90.46%) against 90.56% (90.39%) before.
     Tried on the 5,000-image validation split (`--val-fraction 0.1`, 13 epochs, seed 0; val
