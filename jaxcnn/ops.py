@@ -272,6 +272,13 @@ def pool_taps(xp, window: int, stride: int, ho: int, wo: int) -> list:
                       (1, stride, stride, 1)) for i in range(window) for j in range(window)]
 
 
+def _taps(x, window: int, stride: int, padding: int) -> list:
+    """`pool_taps` of x padded with -inf: the windows' taps for floor-mode output sides."""
+    _, h, w, _ = x.shape
+    ho, wo = (h + 2 * padding - window) // stride + 1, (w + 2 * padding - window) // stride + 1
+    return pool_taps(_pad_inf(x, padding), window, stride, ho, wo)
+
+
 def _max_of_taps(x, window: int, stride: int, padding: int):
     """The max-pool as the elementwise maximum of its taps' strided slices: one elementwise
     fusion on the CPU. XLA:CPU's reduce-window was slower, most of all in bf16: resdensenet's
@@ -280,13 +287,7 @@ def _max_of_taps(x, window: int, stride: int, padding: int):
     (NaN propagates the same way)."""
     if not on_cpu():
         return _max_pool_window(x, window, stride, padding)
-    _, h, w, _ = x.shape
-    ho, wo = (h + 2 * padding - window) // stride + 1, (w + 2 * padding - window) // stride + 1
-    taps = pool_taps(_pad_inf(x, padding), window, stride, ho, wo)
-    y = taps[0]
-    for t in taps[1:]:
-        y = jnp.maximum(y, t)
-    return y
+    return reduce(jnp.maximum, _taps(x, window, stride, padding))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -308,11 +309,10 @@ def _max_pool_fwd(x, window, stride, padding):
         # may still keep the taps and fuse the index into the backward loop (it does in
         # fastnet's step; an optimization barrier that kept the index made it no faster).
         # fastnet bf16 step, batch 256: +9-11% (benchmarks/NOTES.md, session 29).
-        _, h, w, _ = x.shape
-        taps = pool_taps(x, window, stride, h // stride, w // stride)
+        taps = _taps(x, window, stride, padding)
         y = reduce(jnp.maximum, taps)
         first = _first_max(taps, y).astype(jnp.int8 if window * window < 127 else jnp.int32)
-        return y, (first, jnp.zeros((0, h, w, 0), x.dtype))  # the second only carries x's sides
+        return y, (first, jnp.zeros((0,) + x.shape[1:3] + (0,), x.dtype))  # carries x's sides only
     y = _max_of_taps(x, window, stride, padding)
     return y, (x, y)
 
@@ -325,14 +325,11 @@ def _max_pool_bwd(window, stride, padding, res, g):
         first, like = res
         return (_tiled_scatter(first, g, stride, like.shape[1:3]),)
     x, y = res
+    first = _first_max(_taps(x, window, stride, padding), y)
     if window == stride and padding == 0:
-        first = _first_max(pool_taps(x, stride, stride, *y.shape[1:3]), y)
         return (_tiled_scatter(first, g, stride, x.shape[1:3]),)
-    xp = _pad_inf(x, padding)
-    hp, wp = xp.shape[1:3]
-    ho, wo = y.shape[1:3]
+    hp, wp = x.shape[1] + 2 * padding, x.shape[2] + 2 * padding
     taps = [(i, j) for i in range(window) for j in range(window)]
-    first = _first_max(pool_taps(xp, window, stride, ho, wo), y)
     if FENCES and on_cpu():
         # The scatter below reads `first` and g once per tap. Unfenced, XLA fused their
         # producers into it (the taps' compares, and in bf16 the whole dense-block gradient

@@ -32,7 +32,7 @@ def stem_kernel_path(params) -> Tuple[str, ...]:
     if len(found) != 1:
         where = ", ".join("/".join(f) for f in found) or "none"
         raise StemError(f"whiten_stem needs exactly one convolution reading the 3 input channels; this "
-                         f"model has {len(found)} ({where}); use --whiten-stem off")
+                        f"model has {len(found)} ({where}); use --whiten-stem off")
     return found[0]
 
 
