@@ -1,6 +1,6 @@
 """The compiled XLA FFI handlers for jaxcnn's oneDNN calls (`jaxcnn/csrc/native.c`).
 
-jaxcnn.dnnl (weight gradients) and jaxcnn.bnorm (BatchNorm) build their oneDNN primitives here
+jaxcnn.dnnl (weight gradients), jaxcnn.bnorm (BatchNorm) and jaxcnn.pool (max-pools) build their oneDNN primitives here
 in Python, with ctypes. Their calls inside a compiled step run through handlers compiled from
 C when `pip install` could build them (the `jaxcnn._native` library; needs a C compiler, else
 the install goes on without it), through handlers written in Python otherwise. The compiled
@@ -26,7 +26,7 @@ from typing import Optional
 
 ARG, RET = 0, 1  # a memory points at an operand buffer or at a result buffer
 SERIAL = -1      # the program's serial sequence (>= 0: a parallel one)
-TARGETS = ("weight_grad", "bn_forward", "bn_backward")  # the C handlers' names, by target id
+TARGETS = ("weight_grad", "bn_forward", "bn_backward", "pool_forward", "pool_backward")  # the C handlers' names, by target id
 
 _vp, _i64 = ctypes.c_void_p, ctypes.c_int64
 _BUILD = ctypes.CFUNCTYPE(ctypes.c_int, _vp, ctypes.c_int, ctypes.POINTER(_i64), _i64, _vp, _i64)
@@ -71,6 +71,7 @@ def library():
     lib.jaxcnn_program_lock.argtypes = [_vp, _vp]
     lib.jaxcnn_program_set.argtypes = [_vp, ctypes.c_int, _vp, ctypes.c_int, ctypes.c_int, _i64]
     lib.jaxcnn_program_exec.argtypes = [_vp, ctypes.c_int, _vp, ctypes.c_int, _vp]
+    lib.jaxcnn_program_nans.argtypes = [_vp, ctypes.c_int, ctypes.c_int, ctypes.c_int, _i64, ctypes.c_int]
     lib.jaxcnn_program_publish.argtypes = [_vp]
     address = lambda fn: ctypes.cast(fn, _vp).value
     omp = (address(rt.lib.omp_set_num_threads), address(rt.lib.omp_get_max_threads)) if rt.omp else (None, None)
@@ -123,6 +124,11 @@ class Program:
         primitive, args = call
         self._check(self.lib.jaxcnn_program_exec(self.handle, seq, primitive, len(args), args))
 
+    def restore_nans(self, seq: int, source: int, index: int, count: int, itemsize: int) -> None:
+        """Set back to NaN what a oneDNN max-pool wrote for windows of NaNs in buffer `index`
+        (`count` elements of `itemsize` bytes, f32 or bf16; jaxcnn.pool.restore_nans)."""
+        self._check(self.lib.jaxcnn_program_nans(self.handle, seq, source, index, count, itemsize))
+
     def publish(self) -> None:
         self.lib.jaxcnn_program_publish(self.handle)
         _published.append((TARGETS[self.words[0]], self.parallel, self.words))
@@ -149,7 +155,7 @@ def frame_buffers(frame_address: int):
 def _build(frame_address, target, key, key_len, error, error_len) -> int:
     """Called by a handler on the first execution of a key: build and publish its Program."""
     try:
-        from jaxcnn import bnorm, dnnl  # noqa: F401  (they register their builders on import)
+        from jaxcnn import bnorm, dnnl, pool  # noqa: F401  (they register their builders on import)
         _builders[target](frame_address, [key[i] for i in range(key_len)])
         return 0
     except BaseException as e:  # never unwind into XLA: the handler reports the message

@@ -25,7 +25,9 @@ carries argmax indices; on XLA:CPU that gradient cost ~40% of a small CNN's trai
 slices, else XLA's reduce-window) and a hand-written gradient made of
 strided slices, compares and pads, which XLA fuses into one elementwise loop (for windows that
 tile the image, 2x2 pools, from reshapes and the index of each window's first maximum). Same
-values and same gradient (ties go to the first maximum) as `flax.linen.max_pool`.
+values and same gradient (ties go to the first maximum) as `flax.linen.max_pool`. Where
+`jaxcnn.pool` applies (one CPU device, f32/bf16), oneDNN's pooling kernels run both instead:
+forward and backward each one library call, 5-10x faster than these fusions.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxcnn import bnorm, dnnl, onednn
+from jaxcnn import bnorm, dnnl, onednn, pool
 
 # Switches, read when a model is traced (so one process can compare both settings; see
 # `enabled`). JAXCNN_PLAIN_OPS=1 in the environment starts with all of them off.
@@ -53,8 +55,9 @@ DENSE_BUFFER = not _PLAIN    # dense blocks in inference grow one buffer in plac
 FOLD_BN = not _PLAIN         # inference: conv + BN (+ add) (+ ReLU) as one oneDNN call (layers.conv_bn)
 DNNL_WGRAD = not _PLAIN      # convolution weight gradients by oneDNN's library (jaxcnn.dnnl; CPU only)
 DNNL_BN = not _PLAIN         # training BatchNorm (+ ReLU) by oneDNN's library (jaxcnn.bnorm; CPU only)
+DNNL_POOL = not _PLAIN       # max-pools by oneDNN's library (jaxcnn.pool; CPU only)
 _SWITCHES = ("FENCES", "DOT_1X1", "MAX_POOL_GRAD", "CUSTOM_BN", "ONEDNN", "BIAS_GRAD",
-             "DENSE_BUFFER", "FOLD_BN", "DNNL_WGRAD", "DNNL_BN")
+             "DENSE_BUFFER", "FOLD_BN", "DNNL_WGRAD", "DNNL_BN", "DNNL_POOL")
 
 
 def enabled(on: bool = True):
@@ -255,6 +258,8 @@ def max_pool(x, window: int, stride: int, padding: int = 0):
     in row-major order, as in PyTorch and `flax.linen.max_pool`."""
     if not MAX_POOL_GRAD:
         return _max_pool_window(x, window, stride, padding)
+    if DNNL_POOL and on_cpu() and pool.applies(x, window, stride, padding):
+        return pool.max_pool(x, window, stride, padding)
     return _max_pool(x, window, stride, padding)
 
 

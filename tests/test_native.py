@@ -101,11 +101,11 @@ def test_a_failing_onednn_call_is_reported(monkeypatch, parallel):
 
 @pytest.mark.skipif(not native.active(), reason="the Python handlers are already the ones these tests ran with")
 def test_the_python_handlers_pass_the_kernel_tests():
-    """Where jaxcnn._native is not built, the Python handlers run: the weight-gradient and
-    BatchNorm tests, with them, except those marked `routing` (which path a call takes: decided
+    """Where jaxcnn._native is not built, the Python handlers run: the weight-gradient,
+    BatchNorm and max-pool tests, with them, except those marked `routing` (which path a call takes: decided
     when the step is lowered, the same for both handlers, and run with the compiled ones)."""
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "tests/test_dnnl.py", "tests/test_bnorm.py", "-m", "not routing"],
+                          "tests/test_dnnl.py", "tests/test_bnorm.py", "tests/test_pool.py", "-m", "not routing"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "JAXCNN_NATIVE": "0"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout

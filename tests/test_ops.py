@@ -6,7 +6,7 @@ import pytest
 import flax.linen as nn
 from jax import lax
 
-from jaxcnn import dnnl, layers, onednn, ops
+from jaxcnn import dnnl, layers, onednn, ops, pool
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -71,26 +71,35 @@ def test_pointwise_conv_weight_gradient_is_a_matmul():
 @pytest.mark.parametrize("window,stride,pad,size", [(2, 2, 0, 8), (2, 2, 0, 9), (3, 2, 1, 9), (3, 2, 1, 8),
                                                     (3, 1, 1, 5), (3, 2, 0, 9)])
 @pytest.mark.parametrize("ties", [False, True])
-def test_max_pool_equals_flax(window, stride, pad, size, ties):
+@pytest.mark.parametrize("dnnl_pool", [False, True])
+def test_max_pool_equals_flax(window, stride, pad, size, ties, dnnl_pool):
+    """Both CPU paths: jaxcnn.ops's fusions and oneDNN's kernels (jaxcnn.pool, where usable)."""
+    if dnnl_pool and not pool.usable():
+        pytest.skip("oneDNN's library (onednn-cpu-gomp) is not usable here")
     x = _rand((3, size, size, 5), 0)
     if ties:  # many equal maxima per window (as after a ReLU): the first one gets the gradient
         x = jnp.maximum(jnp.round(x), 0.0)
-    ours = jax.jit(lambda x: ops.max_pool(x, window, stride, pad))
-    ref = jax.jit(lambda x: nn.max_pool(x, (window, window), (stride, stride), padding=((pad, pad), (pad, pad))))
-    (v1, (g1,)), (v2, (g2,)) = _value_and_grads(ours, x), _value_and_grads(ref, x)
-    np.testing.assert_array_equal(ours(x), ref(x))
+    with ops.switched(DNNL_POOL=dnnl_pool):
+        ours = jax.jit(lambda x: ops.max_pool(x, window, stride, pad))
+        ref = jax.jit(lambda x: nn.max_pool(x, (window, window), (stride, stride), padding=((pad, pad), (pad, pad))))
+        assert (pool.FWD_TARGET in ours.lower(x).as_text()) == dnnl_pool
+        (v1, (g1,)), (v2, (g2,)) = _value_and_grads(ours, x), _value_and_grads(ref, x)
+        np.testing.assert_array_equal(ours(x), ref(x))
     np.testing.assert_allclose(v1, v2, rtol=1e-6)
     np.testing.assert_allclose(g1, g2, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("window,stride,pad", [(2, 2, 0), (3, 2, 1)])
 def test_max_pool_forward_is_elementwise_and_exact_in_bf16(window, stride, pad):
+    """jaxcnn.ops's own path (oneDNN's, jaxcnn.pool, skips a NaN next to numbers: tests/test_pool.py)."""
     x = _rand((2, 9, 9, 4), 0).astype(jnp.bfloat16).at[0, 1, 1, 0].set(jnp.nan)
-    ours = jax.jit(lambda x: ops.max_pool(x, window, stride, pad))
-    assert "reduce_window" not in ours.lower(x).as_text()  # the taps' maximum on the CPU
+    with ops.switched(DNNL_POOL=False):
+        ours = jax.jit(lambda x: ops.max_pool(x, window, stride, pad))
+        assert "reduce_window" not in ours.lower(x).as_text()  # the taps' maximum on the CPU
+        got = ours(x)
     ref = nn.max_pool(x, (window, window), (stride, stride), padding=((pad, pad), (pad, pad)))
-    assert ours(x).dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(ours(x), np.float32), np.asarray(ref, np.float32))  # NaN too
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))  # NaN too
 
 
 def test_max_pool_gradient_has_no_argmax_window():
@@ -130,13 +139,15 @@ def test_batchnorm_equals_flax(dtype, shape):
 def test_overlapping_max_pool_gradient_sums_bf16_in_f32():
     """3x3/2 windows overlap: an input that is the maximum of several windows gets the sum of their
     cotangents. In bf16 that sum is taken in f32 and rounded once, so it equals the f32 gradient
-    (of the same bf16 inputs) rounded to bf16, exactly; rounding after each add did not."""
+    (of the same bf16 inputs) rounded to bf16, exactly; rounding after each add did not. (oneDNN's
+    kernels, jaxcnn.pool, do round after each add: tests/test_pool.py bounds them.)"""
     rng = np.random.default_rng(3)
     # small integers make many ties between windows' maxima, hence many multi-window sums
     x = jnp.asarray(rng.integers(0, 3, (2, 13, 12, 3)), jnp.bfloat16)
     g = jnp.asarray(rng.standard_normal((2, 7, 6, 3)) * 100, jnp.bfloat16)
     grad = lambda x: jax.vjp(lambda x: ops.max_pool(x, 3, 2, 1), x)[1](g.astype(x.dtype))[0]
-    got = jax.jit(grad)(x)
-    want = jax.jit(grad)(x.astype(jnp.float32)).astype(jnp.bfloat16)
+    with ops.switched(DNNL_POOL=False):
+        got = jax.jit(grad)(x)
+        want = jax.jit(grad)(x.astype(jnp.float32)).astype(jnp.bfloat16)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.float32(got), np.float32(want))

@@ -1,6 +1,6 @@
 /* jaxcnn's XLA FFI handlers for its oneDNN calls, compiled (the `jaxcnn._native` library).
 
-jaxcnn.dnnl and jaxcnn.bnorm build their oneDNN primitives in Python (ctypes) and first ran
+jaxcnn.dnnl, jaxcnn.bnorm and jaxcnn.pool build their oneDNN primitives in Python (ctypes) and first ran
 them from handlers written in Python too. Those took the GIL on every call (~120-170 us each,
 179 calls in a densenet_bc_100_12 training step), and ran Python inside XLA's computations: an
 interpreter torn down with a step in flight left XLA's client waiting forever (session 22).
@@ -53,15 +53,15 @@ static struct {
   build_fn build;
 } dnnl;
 
-enum { OP_SET = 0, OP_EXEC = 1 };
+enum { OP_SET = 0, OP_EXEC = 1, OP_NANS = 2 };
 enum { FROM_ARG = 0, FROM_RET = 1 };
 
 typedef struct {
   int kind;
   void *object; /* a dnnl_memory_t (OP_SET) or a dnnl_primitive_t (OP_EXEC) */
-  int from, index; /* OP_SET: the operand (FROM_ARG) or result (FROM_RET) buffer it points at */
-  int64_t offset;  /* OP_SET: bytes into that buffer */
-  int nargs;       /* OP_EXEC: the primitive's dnnl_exec_arg_t array */
+  int from, index; /* OP_SET, OP_NANS: the operand (FROM_ARG) or result (FROM_RET) buffer */
+  int64_t offset;  /* OP_SET: bytes into that buffer; OP_NANS: its element count */
+  int nargs;       /* OP_EXEC: the primitive's dnnl_exec_arg_t array; OP_NANS: bytes per element */
   const void *args;
 } Op;
 
@@ -173,6 +173,12 @@ EXPORT int jaxcnn_program_exec(Program *p, int seq, void *primitive, int nargs, 
   return push(p, seq, op);
 }
 
+/* Set back to NaN the elements a oneDNN max-pool wrote for windows of NaNs (see jaxcnn/pool.py). */
+EXPORT int jaxcnn_program_nans(Program *p, int seq, int from, int index, int64_t count, int bytes) {
+  Op op = {OP_NANS, NULL, from, index, count, bytes, NULL};
+  return push(p, seq, op);
+}
+
 EXPORT void jaxcnn_program_publish(Program *p) {
   pthread_mutex_lock(&publish_lock);
   if (!find(p->key, p->key_len, p->hash)) { /* a second build of the same key is dropped */
@@ -197,6 +203,18 @@ static void *buffer(XLA_FFI_CallFrame *f, int from, int index) {
   return index < size ? ((XLA_FFI_Buffer *)items[index])->data : NULL;
 }
 
+/* oneDNN's max-pool compares with an ordered `<` from the lowest value: a window of NaNs comes
+   out as float32's lowest finite value (bf16: -inf). Those become NaN again. */
+static void restore_nans(void *data, int64_t count, int bytes) {
+  if (bytes == 2) {
+    uint16_t *v = data;
+    for (int64_t i = 0; i < count; i++) v[i] = v[i] == 0xFF80u ? 0x7FC0u : v[i];
+  } else {
+    uint32_t *v = data;
+    for (int64_t i = 0; i < count; i++) v[i] = v[i] == 0xFF7FFFFFu ? 0x7FC00000u : v[i];
+  }
+}
+
 /* 0, or the failing oneDNN status (> 0), or -1 for an operand that is not there. */
 static int run_seq(XLA_FFI_CallFrame *f, const Seq *s, int single_thread) {
   int before = 0, status = 0;
@@ -211,6 +229,10 @@ static int run_seq(XLA_FFI_CallFrame *f, const Seq *s, int single_thread) {
     if (op->kind == OP_SET) {
       char *base = buffer(f, op->from, op->index);
       status = base ? dnnl.set_handle(op->object, base + op->offset) : -1;
+    } else if (op->kind == OP_NANS) {
+      void *base = buffer(f, op->from, op->index);
+      if (base) restore_nans(base, op->offset, op->nargs);
+      else status = -1;
     } else if (!(status = dnnl.execute(op->object, thread_stream, op->nargs, op->args))) {
       status = dnnl.wait(thread_stream);
     }
@@ -393,3 +415,5 @@ static XLA_FFI_Error *handle(XLA_FFI_CallFrame *f, int target) {
 EXPORT XLA_FFI_Error *jaxcnn_weight_grad(XLA_FFI_CallFrame *f) { return handle(f, 0); }
 EXPORT XLA_FFI_Error *jaxcnn_bn_forward(XLA_FFI_CallFrame *f) { return handle(f, 1); }
 EXPORT XLA_FFI_Error *jaxcnn_bn_backward(XLA_FFI_CallFrame *f) { return handle(f, 2); }
+EXPORT XLA_FFI_Error *jaxcnn_pool_forward(XLA_FFI_CallFrame *f) { return handle(f, 3); }
+EXPORT XLA_FFI_Error *jaxcnn_pool_backward(XLA_FFI_CallFrame *f) { return handle(f, 4); }
