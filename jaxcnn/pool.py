@@ -4,13 +4,17 @@ XLA:CPU has no pooling kernel that keeps the argmax: jaxcnn.ops computes the poo
 maximum of its taps' strided slices and the gradient from each window's first-max index, all
 elementwise fusions, which in bf16 run through converts to f32. oneDNN's training forward
 writes y and a workspace (each window's argmax, one byte per output element); its backward
-scatters the cotangent through that workspace. fastnet's three 2x2 pools in bf16 at batch 256,
-forward + backward, ms on the 2-core Zen 5 (`benchmarks/NOTES.md`, session 30):
+scatters the cotangent through that workspace. Session 30, 2-core Zen 5 (`benchmarks/NOTES.md`),
+bf16, forward + backward, ms:
 
-    x                   jaxcnn.ops   oneDNN
-    [256, 31, 31, 64]   24.3         0.7 + 1.2
-    [256, 15, 15, 256]  18.4         0.7 + 1.3
-    [256, 7, 7, 256]     1.4         0.1 + 0.2
+    pool                                  jaxcnn.ops        oneDNN
+    2x2, [256, 31, 31, 64]  (fastnet)     24.3              0.7 + 1.2   (alone, warm caches)
+    2x2, [256, 15, 15, 256] (fastnet)     18.4              0.7 + 1.3
+    fastnet's three, inside its step      25.5 (profile)    11.2
+    3x3/2 pad 1, [32, 112, 112, 64]       62.4              24.2        (resnet/densenet stems)
+
+fastnet's bf16 train step at batch 256: 1,239 -> 1,289 img/s (A/B in one process); the `fast`
+recipe's loop, 2 epochs: 1,242-1,316 -> 1,371-1,406 img/s.
 
 Calls, as XLA typed-FFI custom calls (handlers compiled, jaxcnn.native, or ctypes, jaxcnn.dnnl):
   forward(x)       -> y             (inference: no workspace)
@@ -21,13 +25,18 @@ pool: floor mode, padding counts as -inf, the gradient goes to each window's fir
 row-major order (the probe checks ties). NaNs: oneDNN compares with an ordered `<`, starting
 from the lowest value, so it skips a window's NaNs (the result is the maximum of its other taps)
 and writes float32's lowest finite value (bf16: -inf) for a window of NaNs only (or of -infs:
-those become NaN here too). The handlers set those back to NaN (`restore_nans`, a pass over y while it is in cache), so that a NaN tensor
-stays NaN and a diverged run still ends in a NaN loss, which the training loop reports.
+those become NaN here too). The handlers set those back to NaN (`restore_nans`, a pass over y
+while it is in cache), so that a NaN tensor stays NaN and a diverged run still ends in a NaN
+loss, which the training loop reports.
 jaxcnn.ops's maximum, like PyTorch's pool, propagates every NaN; a window with some NaNs is the
 one difference.
 
-When: rank-4 NHWC f32 or bf16, one device (as jaxcnn.bnorm), not under vmap, oneDNN JIT
-kernels for the shape, and only after a probe passed in this process. JAXCNN_DNNL_POOL=0 or
+Overlapping windows (3x3/2) in bf16: oneDNN rounds the gradient after each add where windows
+share an input (within 1-2 bf16 ulps of the sum; tests/test_pool.py bounds it); jaxcnn.ops sums
+in f32 and rounds once.
+
+When: rank-4 NHWC f32 or bf16, one device (as jaxcnn.bnorm), not under vmap, a non-empty output,
+oneDNN JIT kernels for the shape, and only after a probe passed in this process. JAXCNN_DNNL_POOL=0 or
 `ops.switched(DNNL_POOL=False)` turns it off, as do JAXCNN_DNNL=0 and JAXCNN_ONEDNN=0.
 """
 from __future__ import annotations
