@@ -26,12 +26,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.interpreters import mlir
 
 from jaxcnn import dnnl, native, onednn
 
@@ -44,18 +42,10 @@ _TAG_A = 2
 FWD_TARGET, BWD_TARGET = "jaxcnn_dnnl_bn_fwd", "jaxcnn_dnnl_bn_bwd"
 
 
-class _Plans:
+class _Plans(dnnl.Plans):
     """Forward and backward primitives per (shape, dtype, eps, flags), each with the memories
     whose data handles a call sets to XLA's buffers."""
-
-    def __init__(self, rt):
-        self.rt, self.lock, self.plans = rt, threading.Lock(), {}
-
-    def get(self, key) -> dict:
-        with self.lock:
-            if key not in self.plans:
-                self.plans[key] = self._build(key)
-            return self.plans[key]
+    what = "batch norm"
 
     def _build(self, key) -> dict:
         rt, byref = self.rt, ctypes.byref
@@ -86,18 +76,8 @@ class _Plans:
                                        (_VAR, m["var"]), (_SCALE, m["scale"])] + ws +
                                  [(_DIFF_SRC, m["dx"]), (_DIFF_SCALE, m["d_scale"]),
                                   (_DIFF_SHIFT, m["d_shift"])], owned)
-        return dict(forward=forward, backward=backward, mem=m, ws_size=int(ws_size), buffers=buffers,
+        return dict(calls=dict(forward=forward, backward=backward), mem=m, ws_size=int(ws_size), buffers=buffers,
                     impl=(rt._impl(fwd), rt._impl(bwd)))
-
-    def run(self, key, direction: str, addresses: dict):
-        """One call of `key`'s forward or backward on XLA's buffers (name -> address), on
-        oneDNN's OpenMP threads; one oneDNN call at a time (they use every core), which also
-        keeps a plan's memories to one call."""
-        plan = self.get(key)
-        with self.rt.lock:
-            for name, address in addresses.items():
-                self.rt._set(plan["mem"][name], address)
-            self.rt._exec(plan[direction], "batch norm " + direction)
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,16 +134,10 @@ def _runner(direction: str):
 
 def _builder(direction: str):
     def build(frame_address: int, words: list) -> None:
-        """The compiled handler's program for the same call (jaxcnn.native); one at a time, on
-        oneDNN's OpenMP threads, as `_Plans.run`."""
+        """The compiled handler's program for the same call (jaxcnn.native), as `_Plans.run`."""
         _, args, rets = native.frame_buffers(frame_address)
         key = _key_of(args[0], args[-1])
-        plan = _plans().get(key)
-        program = native.Program(words, global_lock=True)
-        for name, (source, index) in _operands(key[3], direction).items():
-            program.set(native.SERIAL, plan["mem"][name], source, index)
-        program.execute(native.SERIAL, plan[direction])
-        program.publish()
+        _plans().program(words, key, direction, _operands(key[3], direction)).publish()
     return build
 
 
@@ -178,11 +152,7 @@ _BWD_HANDLER = dnnl.ffi_handler("batch norm gradient", _run_backward)
 
 @functools.lru_cache(maxsize=None)
 def _registered() -> bool:
-    jax.ffi.register_ffi_target(FWD_TARGET, native.handler("bn_forward") or jax.ffi.pycapsule(_FWD_HANDLER),
-                                platform="cpu")
-    jax.ffi.register_ffi_target(BWD_TARGET, native.handler("bn_backward") or jax.ffi.pycapsule(_BWD_HANDLER),
-                                platform="cpu")
-    return dnnl.settle_at_exit()
+    return dnnl.register_targets({FWD_TARGET: ("bn_forward", _FWD_HANDLER), BWD_TARGET: ("bn_backward", _BWD_HANDLER)})
 
 
 def _config(eps: float, flags: int) -> tuple:
@@ -195,36 +165,9 @@ def _ws_size(shape, dtype, eps: float, flags: int) -> int:
     return _plans().get(_key(shape, dtype, eps, flags))["ws_size"]
 
 
-def _abstract(*args, results, config):
-    return [jax.core.ShapedArray(shape, dtype) for shape, dtype in results]
-
-
-def _lower_to(target):
-    def lower(ctx, *ops, results, config):
-        types = [mlir.aval_to_ir_type(ctx.module_context, a) for a in ctx.avals_out]
-        # The backward pass writes dx over g (oneDNN computes it in place): one activation-sized
-        # buffer less at the peak, which is in the backward pass; XLA copies g first if it is
-        # still needed.
-        aliases = {1: 0} if target == BWD_TARGET else None
-        return onednn._custom_call(target, result_types=types,
-                                   operands=[*ops, mlir.ir_constant(np.array(config, np.int32))],
-                                   api_version=4, backend_config={}, has_side_effect=False,
-                                   operand_output_aliases=aliases).results
-    return lower
-
-
-_prims = {}
-for _target in (FWD_TARGET, BWD_TARGET):
-    _prims[_target] = onednn._primitive(_target)
-    _prims[_target].multiple_results = True
-    _prims[_target].def_abstract_eval(_abstract)
-    mlir.register_lowering(_prims[_target], _lower_to(_target), platform="cpu")
-
-
-def _call(target, operands, results, config):
-    """The custom call `target` on `operands`; `results`: ((shape, dtype), ...)."""
-    return _prims[target].bind(*operands, results=tuple((tuple(s), jnp.dtype(d)) for s, d in results),
-                               config=tuple(int(v) for v in config))
+# The backward pass writes dx over g (oneDNN computes it in place): one activation-sized buffer
+# less at the peak, which is in the backward pass; XLA copies g first if it is still needed.
+_call = dnnl.config_calls((FWD_TARGET, BWD_TARGET), aliases={BWD_TARGET: {1: 0}})
 
 
 def forward(x, scale, shift, eps: float, relu: bool, stats=None):

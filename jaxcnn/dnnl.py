@@ -681,6 +681,83 @@ def settle_at_exit() -> bool:
     return True
 
 
+class Plans:
+    """A cache of oneDNN primitives per key, each plan built once (`_build(key)`, by the
+    subclass: a dict with `mem`, name -> memory whose data handle a call points at an XLA buffer,
+    and `calls`, name -> (primitive, arguments)); jaxcnn.bnorm and jaxcnn.pool."""
+    what = "call"  # names the call in oneDNN's errors
+
+    def __init__(self, rt):
+        self.rt, self.lock, self.plans = rt, threading.Lock(), {}
+
+    def get(self, key) -> dict:
+        with self.lock:
+            if key not in self.plans:
+                self.plans[key] = self._build(key)
+            return self.plans[key]
+
+    def _build(self, key) -> dict:
+        raise NotImplementedError
+
+    def run(self, key, call, addresses: dict) -> None:
+        """`key`'s `call` on XLA's buffers (memory name -> address), on oneDNN's OpenMP threads;
+        one oneDNN call at a time (they use every core), which also keeps a plan's memories to
+        one call."""
+        plan = self.get(key)
+        with self.rt.lock:
+            for name, address in addresses.items():
+                self.rt._set(plan["mem"][name], address)
+            self.rt._exec(plan["calls"][call], f"{self.what} {call}")
+
+    def program(self, words, key, call, operands: dict):
+        """The compiled handlers' Program (jaxcnn.native) for what `run` does: each memory named
+        in `operands` pointed at its buffer, (native.ARG or native.RET, index), then `call`;
+        one at a time, on oneDNN's OpenMP threads. Returned unpublished."""
+        plan = self.get(key)
+        program = native.Program(words, global_lock=True)
+        for name, (source, index) in operands.items():
+            program.set(native.SERIAL, plan["mem"][name], source, index)
+        program.execute(native.SERIAL, plan["calls"][call])
+        return program
+
+
+def register_targets(handlers: dict) -> bool:
+    """Register XLA FFI targets, {target: (compiled handler's name, ctypes handler)}: the compiled
+    handler where jaxcnn.native is built, else the ctypes one (keep it alive)."""
+    for target, (name, fallback) in handlers.items():
+        jax.ffi.register_ffi_target(target, native.handler(name) or jax.ffi.pycapsule(fallback), platform="cpu")
+    return settle_at_exit()
+
+
+def config_calls(targets, aliases: Optional[dict] = None):
+    """`call(target, operands, results, config)`: binds one of `targets`, custom calls whose last
+    operand is an int32 `config` (jaxcnn.bnorm, jaxcnn.pool); `results` ((shape, dtype), ...);
+    `aliases` {target: {operand: result}} lets a result reuse an operand's buffer."""
+    def abstract(*args, results, config):
+        return [jax.core.ShapedArray(shape, dtype) for shape, dtype in results]
+
+    def lowering(target):
+        def lower(ctx, *ops, results, config):
+            types = [mlir.aval_to_ir_type(ctx.module_context, a) for a in ctx.avals_out]
+            return onednn._custom_call(target, result_types=types,
+                                       operands=[*ops, mlir.ir_constant(np.array(config, np.int32))],
+                                       api_version=4, backend_config={}, has_side_effect=False,
+                                       operand_output_aliases=(aliases or {}).get(target)).results
+        return lower
+
+    prims = {}
+    for target in targets:
+        prims[target] = onednn._primitive(target)
+        prims[target].multiple_results = True
+        prims[target].def_abstract_eval(abstract)
+        mlir.register_lowering(prims[target], lowering(target), platform="cpu")
+
+    def call(target, operands, results, config):
+        return prims[target].bind(*operands, results=tuple((tuple(s), jnp.dtype(d)) for s, d in results),
+                                  config=tuple(int(v) for v in config))
+    return call
+
+
 @functools.lru_cache(maxsize=None)
 def _registered() -> bool:
     handler = native.handler("weight_grad") or jax.ffi.pycapsule(_HANDLER)

@@ -44,12 +44,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.interpreters import mlir
 
 from jaxcnn import dnnl, native, onednn
 
@@ -65,18 +63,10 @@ def out_side(size: int, window: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - window) // stride + 1
 
 
-class _Plans:
+class _Plans(dnnl.Plans):
     """Per (x's shape, dtype, window, stride, padding): the inference and training forward and
     the backward primitives, with the memories whose data handles a call sets to XLA's buffers."""
-
-    def __init__(self, rt):
-        self.rt, self.lock, self.plans = rt, threading.Lock(), {}
-
-    def get(self, key) -> dict:
-        with self.lock:
-            if key not in self.plans:
-                self.plans[key] = self._build(key)
-            return self.plans[key]
+    what = "max-pool"
 
     def _build(self, key) -> dict:
         rt, byref = self.rt, ctypes.byref
@@ -103,15 +93,6 @@ class _Plans:
                  BACKWARD: rt._primitive(bwd, [(_DIFF_DST, m["g"]), (_WS, m["ws"]), (_DIFF_SRC, m["dx"])], owned)}
         return dict(calls=calls, mem=m, ws_size=int(rt.lib.dnnl_memory_desc_get_size(ws_md)), buffers=buffers,
                     impl=(rt._impl(infer), rt._impl(train), rt._impl(bwd)))
-
-    def run(self, key, mode: int, addresses: dict):
-        """One call on XLA's buffers (name -> address), on oneDNN's OpenMP threads; one oneDNN
-        call at a time (they use every core), which also keeps a plan's memories to one call."""
-        plan = self.get(key)
-        with self.rt.lock:
-            for name, address in addresses.items():
-                self.rt._set(plan["mem"][name], address)
-            self.rt._exec(plan["calls"][mode], "max-pool")
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,11 +148,7 @@ def _build(frame_address: int, words: list) -> None:
     """The compiled handler's program for the same call (jaxcnn.native), as `_Plans.run`."""
     _, args, rets = native.frame_buffers(frame_address)
     key, mode = _call_key(args, rets)
-    plan = _plans().get(key)
-    program = native.Program(words, global_lock=True)
-    for name, (source, index) in _operands(mode).items():
-        program.set(native.SERIAL, plan["mem"][name], source, index)
-    program.execute(native.SERIAL, plan["calls"][mode])
+    program = _plans().program(words, key, mode, _operands(mode))
     if mode != BACKWARD:
         program.restore_nans(native.SERIAL, native.RET, 0, int(np.prod(_y_shape(key[0], *key[2:]))),
                              2 if key[1] == "bfloat16" else 4)
@@ -186,37 +163,11 @@ _BWD_HANDLER = dnnl.ffi_handler("max-pool gradient", _run)
 
 @functools.lru_cache(maxsize=None)
 def _registered() -> bool:
-    jax.ffi.register_ffi_target(FWD_TARGET, native.handler("pool_forward") or jax.ffi.pycapsule(_FWD_HANDLER),
-                                platform="cpu")
-    jax.ffi.register_ffi_target(BWD_TARGET, native.handler("pool_backward") or jax.ffi.pycapsule(_BWD_HANDLER),
-                                platform="cpu")
-    return dnnl.settle_at_exit()
+    return dnnl.register_targets({FWD_TARGET: ("pool_forward", _FWD_HANDLER),
+                                  BWD_TARGET: ("pool_backward", _BWD_HANDLER)})
 
 
-def _abstract(*args, results, config):
-    return [jax.core.ShapedArray(shape, dtype) for shape, dtype in results]
-
-
-def _lower_to(target):
-    def lower(ctx, *ops, results, config):
-        types = [mlir.aval_to_ir_type(ctx.module_context, a) for a in ctx.avals_out]
-        return onednn._custom_call(target, result_types=types,
-                                   operands=[*ops, mlir.ir_constant(np.array(config, np.int32))],
-                                   api_version=4, backend_config={}, has_side_effect=False).results
-    return lower
-
-
-_prims = {}
-for _target in (FWD_TARGET, BWD_TARGET):
-    _prims[_target] = onednn._primitive(_target)
-    _prims[_target].multiple_results = True
-    _prims[_target].def_abstract_eval(_abstract)
-    mlir.register_lowering(_prims[_target], _lower_to(_target), platform="cpu")
-
-
-def _call(target, operands, results, config):
-    return _prims[target].bind(*operands, results=tuple((tuple(s), jnp.dtype(d)) for s, d in results),
-                               config=tuple(int(v) for v in config))
+_call = dnnl.config_calls((FWD_TARGET, BWD_TARGET))
 
 
 def _plan_of(x_shape, dtype, window, stride, padding) -> dict:
