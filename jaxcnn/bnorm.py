@@ -152,7 +152,8 @@ _BWD_HANDLER = dnnl.ffi_handler("batch norm gradient", _run_backward)
 
 @functools.lru_cache(maxsize=None)
 def _registered() -> bool:
-    return dnnl.register_targets({FWD_TARGET: ("bn_forward", _FWD_HANDLER), BWD_TARGET: ("bn_backward", _BWD_HANDLER)})
+    return dnnl.register_targets({FWD_TARGET: ("bn_forward", _FWD_HANDLER),
+                                  BWD_TARGET: ("bn_backward", _BWD_HANDLER)})
 
 
 def _config(eps: float, flags: int) -> tuple:

@@ -139,7 +139,8 @@ def restore_nans(address: int, count: int, dtype: str) -> None:
 def _run(frame, args, rets):
     key, mode = _call_key(args, rets)
     buffers = (args, rets)
-    _plans().run(key, mode, {name: buffers[source][index].data for name, (source, index) in _operands(mode).items()})
+    _plans().run(key, mode, {name: buffers[source][index].data
+                             for name, (source, index) in _operands(mode).items()})
     if mode != BACKWARD:
         restore_nans(rets[0].data, int(np.prod(_y_shape(key[0], *key[2:]))), key[1])
 
@@ -199,7 +200,8 @@ def _fwd(x, window, stride, padding):
 def _bwd(window, stride, padding, res, g):
     ws, like = res
     x_shape = (g.shape[0],) + like.shape[1:]
-    dx, = _call(BWD_TARGET, (g.astype(like.dtype), ws), ((x_shape, like.dtype),), (window, stride, padding, BACKWARD))
+    dx, = _call(BWD_TARGET, (g.astype(like.dtype), ws), ((x_shape, like.dtype),),
+                (window, stride, padding, BACKWARD))
     return (dx,)
 
 
@@ -231,9 +233,10 @@ def usable() -> bool:
         ok = True
         for window, stride, padding in ((2, 2, 0), (3, 2, 1)):
             g = jnp.asarray(rng.standard_normal(_y_shape(x.shape, window, stride, padding)), jnp.float32)
-            (y, vjp), (y_ref, vjp_ref) = (jax.vjp(jax.jit(f), x) for f in (
-                lambda x: max_pool(x, window, stride, padding), lambda x: ops._max_pool(x, window, stride, padding)))
-            inferred = jax.jit(lambda x: max_pool(x, window, stride, padding))(x)
+            ours = lambda x: max_pool(x, window, stride, padding)
+            ref = lambda x: ops._max_pool(x, window, stride, padding)
+            (y, vjp), (y_ref, vjp_ref) = (jax.vjp(jax.jit(f), x) for f in (ours, ref))
+            inferred = jax.jit(ours)(x)
             # overlapping windows sum cotangents, in another order: not bit for bit
             ok = ok and bool(jnp.array_equal(y, y_ref)) and bool(jnp.array_equal(inferred, y_ref)) \
                 and bool(jnp.allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-6, atol=1e-6))
