@@ -82,7 +82,8 @@ def test_max_pool_equals_flax(window, stride, pad, size, ties, dnnl_pool):
     with ops.switched(DNNL_POOL=dnnl_pool):
         ours = jax.jit(lambda x: ops.max_pool(x, window, stride, pad))
         ref = jax.jit(lambda x: nn.max_pool(x, (window, window), (stride, stride), padding=((pad, pad), (pad, pad))))
-        assert (pool.FWD_TARGET in ours.lower(x).as_text()) == dnnl_pool
+        on_dnnl = dnnl_pool and not pool.xla_infers_faster(x.dtype, window, stride)  # f32 2x2: XLA's
+        assert (pool.FWD_TARGET in ours.lower(x).as_text()) == on_dnnl
         (v1, (g1,)), (v2, (g2,)) = _value_and_grads(ours, x), _value_and_grads(ref, x)
         np.testing.assert_array_equal(ours(x), ref(x))
     np.testing.assert_allclose(v1, v2, rtol=1e-6)
