@@ -123,37 +123,14 @@ def _operands(flags: int, direction: str) -> dict:
     return where
 
 
-def _runner(direction: str):
-    def run(frame, args, rets):
-        key = _key_of(args[0], args[-1])
-        buffers = (args, rets)
-        _plans().run(key, direction, {name: buffers[source][index].data
-                                      for name, (source, index) in _operands(key[3], direction).items()})
-    return run
+def _call_of(args, rets, direction: str) -> tuple:
+    key = _key_of(args[0], args[-1])
+    return key, direction, _operands(key[3], direction)
 
 
-def _builder(direction: str):
-    def build(frame_address: int, words: list) -> None:
-        """The compiled handler's program for the same call (jaxcnn.native), as `_Plans.run`."""
-        _, args, rets = native.frame_buffers(frame_address)
-        key = _key_of(args[0], args[-1])
-        _plans().program(words, key, direction, _operands(key[3], direction)).publish()
-    return build
-
-
-native.register("bn_forward", _builder("forward"))
-native.register("bn_backward", _builder("backward"))
-_run_forward, _run_backward = _runner("forward"), _runner("backward")
-
-
-_FWD_HANDLER = dnnl.ffi_handler("batch norm", _run_forward)   # kept alive: XLA holds their addresses
-_BWD_HANDLER = dnnl.ffi_handler("batch norm gradient", _run_backward)
-
-
-@functools.lru_cache(maxsize=None)
-def _registered() -> bool:
-    return dnnl.register_targets({FWD_TARGET: ("bn_forward", _FWD_HANDLER),
-                                  BWD_TARGET: ("bn_backward", _BWD_HANDLER)})
+_registered = dnnl.plan_handlers(_plans, _call_of, {
+    FWD_TARGET: ("bn_forward", "batch norm", "forward"),
+    BWD_TARGET: ("bn_backward", "batch norm gradient", "backward")})
 
 
 def _config(eps: float, flags: int) -> tuple:

@@ -681,10 +681,24 @@ def settle_at_exit() -> bool:
     return True
 
 
+_LOWEST = {4: (np.uint32, 0xFF7FFFFF, 0x7FC00000), 2: (np.uint16, 0xFF80, 0x7FC0)}  # itemsize -> bits
+
+
+def restore_nans(address: int, count: int, itemsize: int) -> None:
+    """NaN for the lowest value in a f32 (itemsize 4: the lowest finite float) or bf16 (2: -inf)
+    buffer: what oneDNN's max-pool writes for a window of NaNs (jaxcnn.pool). As the compiled
+    handlers' `restore_nans` (jaxcnn/csrc/native.c)."""
+    kind, lowest, nan = _LOWEST[itemsize]
+    v = np.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(np.ctypeslib.as_ctypes_type(kind))), (count,))
+    v[v == lowest] = nan
+
+
 class Plans:
     """A cache of oneDNN primitives per key, each plan built once (`_build(key)`, by the
     subclass: a dict with `mem`, name -> memory whose data handle a call points at an XLA buffer,
-    and `calls`, name -> (primitive, arguments)); jaxcnn.bnorm and jaxcnn.pool."""
+    `calls`, name -> (primitive, arguments), and optionally `nans`, call name -> (memory name,
+    element count, itemsize): the output whose lowest values become NaN after the call, see
+    `restore_nans`); jaxcnn.bnorm and jaxcnn.pool."""
     what = "call"  # names the call in oneDNN's errors
 
     def __init__(self, rt):
@@ -708,6 +722,9 @@ class Plans:
             for name, address in addresses.items():
                 self.rt._set(plan["mem"][name], address)
             self.rt._exec(plan["calls"][call], f"{self.what} {call}")
+        if call in plan.get("nans", {}):
+            name, count, itemsize = plan["nans"][call]
+            restore_nans(addresses[name], count, itemsize)
 
     def program(self, words, key, call, operands: dict):
         """The compiled handlers' Program (jaxcnn.native) for what `run` does: each memory named
@@ -718,15 +735,46 @@ class Plans:
         for name, (source, index) in operands.items():
             program.set(native.SERIAL, plan["mem"][name], source, index)
         program.execute(native.SERIAL, plan["calls"][call])
+        if call in plan.get("nans", {}):
+            name, count, itemsize = plan["nans"][call]
+            program.restore_nans(native.SERIAL, *operands[name], count, itemsize)
         return program
 
 
-def register_targets(handlers: dict) -> bool:
-    """Register XLA FFI targets, {target: (compiled handler's name, ctypes handler)}: the compiled
-    handler where jaxcnn.native is built, else the ctypes one (keep it alive)."""
-    for target, (name, fallback) in handlers.items():
-        jax.ffi.register_ffi_target(target, native.handler(name) or jax.ffi.pycapsule(fallback), platform="cpu")
-    return settle_at_exit()
+def plan_handlers(plans, call_of, targets: dict):
+    """The FFI handlers of custom calls that run a `Plans`' calls (jaxcnn.bnorm, jaxcnn.pool).
+    `plans()` gives the Plans; `call_of(args, rets, call)` a call's (key, call name, operands:
+    memory name -> (native.ARG or native.RET, buffer index)) from its buffers; `targets`: {XLA
+    target: (compiled handler's name, name in errors, call name or None)}, the call name passed
+    to `call_of`. Registers the compiled handlers' program builders with jaxcnn.native and makes
+    the ctypes handlers; returns `register()`, which registers the targets with XLA once (the
+    compiled handler where jaxcnn.native is built, else the ctypes one) and is True."""
+    def runner(default):
+        def run(frame, args, rets):
+            key, call, operands = call_of(args, rets, default)
+            buffers = (args, rets)
+            plans().run(key, call, {name: buffers[source][index].data
+                                    for name, (source, index) in operands.items()})
+        return run
+
+    def builder(default):
+        def build(frame_address: int, words: list) -> None:
+            _, args, rets = native.frame_buffers(frame_address)
+            key, call, operands = call_of(args, rets, default)
+            plans().program(words, key, call, operands).publish()
+        return build
+
+    handlers = {}  # kept alive by `register`: XLA holds the ctypes handlers' addresses
+    for target, (name, what, default) in targets.items():
+        native.register(name, builder(default))
+        handlers[target] = (name, ffi_handler(what, runner(default)))
+
+    @functools.lru_cache(maxsize=None)
+    def register() -> bool:
+        for target, (name, fallback) in handlers.items():
+            jax.ffi.register_ffi_target(target, native.handler(name) or jax.ffi.pycapsule(fallback), platform="cpu")
+        return settle_at_exit()
+    return register
 
 
 def config_calls(targets, aliases: Optional[dict] = None):

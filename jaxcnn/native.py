@@ -1,12 +1,13 @@
 """The compiled XLA FFI handlers for jaxcnn's oneDNN calls (`jaxcnn/csrc/native.c`).
 
-jaxcnn.dnnl (weight gradients), jaxcnn.bnorm (BatchNorm) and jaxcnn.pool (max-pools) build their oneDNN primitives here
-in Python, with ctypes. Their calls inside a compiled step run through handlers compiled from
-C when `pip install` could build them (the `jaxcnn._native` library; needs a C compiler, else
-the install goes on without it), through handlers written in Python otherwise. The compiled
-ones run without the GIL: ~170 us of Python per call saved (a densenet_bc_100_12 training step
-makes 179 of them), and no Python runs inside XLA's computations, which is what hung the
-interpreter's exit with a step in flight (jaxcnn.dnnl.settle_at_exit).
+jaxcnn.dnnl (weight gradients), jaxcnn.bnorm (BatchNorm) and jaxcnn.pool (max-pools) build
+their oneDNN primitives here in Python, with ctypes. Their calls inside a compiled step run
+through handlers compiled from C when `pip install` could build them (the `jaxcnn._native`
+library; needs a C compiler, else the install goes on without it), through handlers written in
+Python otherwise. The compiled ones run without the GIL: ~170 us of Python per call saved (a
+densenet_bc_100_12 training step makes 179 of them), and no Python runs inside XLA's
+computations, which is what hung the interpreter's exit with a step in flight
+(jaxcnn.dnnl.settle_at_exit).
 
 A call's first execution calls back into Python once (`_build`): the handler passes its key (the
 call's shapes, dtypes, XLA's pool size and its geometry operand) and the module that owns the
@@ -26,7 +27,8 @@ from typing import Optional
 
 ARG, RET = 0, 1  # a memory points at an operand buffer or at a result buffer
 SERIAL = -1      # the program's serial sequence (>= 0: a parallel one)
-TARGETS = ("weight_grad", "bn_forward", "bn_backward", "pool_forward", "pool_backward")  # the C handlers' names, by target id
+# the C handlers' names, by target id
+TARGETS = ("weight_grad", "bn_forward", "bn_backward", "pool_forward", "pool_backward")
 
 _vp, _i64 = ctypes.c_void_p, ctypes.c_int64
 _BUILD = ctypes.CFUNCTYPE(ctypes.c_int, _vp, ctypes.c_int, ctypes.POINTER(_i64), _i64, _vp, _i64)
@@ -126,7 +128,7 @@ class Program:
 
     def restore_nans(self, seq: int, source: int, index: int, count: int, itemsize: int) -> None:
         """Set back to NaN what a oneDNN max-pool wrote for windows of NaNs in buffer `index`
-        (`count` elements of `itemsize` bytes, f32 or bf16; jaxcnn.pool.restore_nans)."""
+        (`count` elements of `itemsize` bytes, f32 or bf16; jaxcnn.dnnl.restore_nans)."""
         self._check(self.lib.jaxcnn_program_nans(self.handle, seq, source, index, count, itemsize))
 
     def publish(self) -> None:

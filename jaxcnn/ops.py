@@ -280,7 +280,7 @@ def pool_taps(xp, window: int, stride: int, ho: int, wo: int) -> list:
 def _taps(x, window: int, stride: int, padding: int) -> list:
     """`pool_taps` of x padded with -inf: the windows' taps for floor-mode output sides."""
     _, h, w, _ = x.shape
-    ho, wo = (h + 2 * padding - window) // stride + 1, (w + 2 * padding - window) // stride + 1
+    ho, wo = pool.out_side(h, window, stride, padding), pool.out_side(w, window, stride, padding)
     return pool_taps(_pad_inf(x, padding), window, stride, ho, wo)
 
 

@@ -25,7 +25,7 @@ pool: floor mode, padding counts as -inf, the gradient goes to each window's fir
 row-major order (the probe checks ties). NaNs: oneDNN compares with an ordered `<`, starting
 from the lowest value, so it skips a window's NaNs (the result is the maximum of its other taps)
 and writes float32's lowest finite value (bf16: -inf) for a window of NaNs only (or of -infs:
-those become NaN here too). The handlers set those back to NaN (`restore_nans`, a pass over y
+those become NaN here too). The handlers set those back to NaN (`dnnl.restore_nans`, a pass over y
 while it is in cache), so that a NaN tensor stays NaN and a diverged run still ends in a NaN
 loss, which the training loop reports.
 jaxcnn.ops's maximum, like PyTorch's pool, propagates every NaN; a window with some NaNs is the
@@ -48,7 +48,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxcnn import dnnl, native, onednn
 
@@ -61,6 +60,7 @@ _D2 = ctypes.c_int64 * 2
 
 
 def out_side(size: int, window: int, stride: int, padding: int) -> int:
+    """A pool's output side in floor mode (PyTorch's default; jaxcnn.ops uses it too)."""
     return (size + 2 * padding - window) // stride + 1
 
 
@@ -92,7 +92,10 @@ class _Plans(dnnl.Plans):
         calls = {INFER: rt._primitive(infer, [(_SRC, m["x"]), (_DST, m["y"])], owned),
                  TRAIN: rt._primitive(train, [(_SRC, m["x"]), (_DST, m["y"]), (_WS, m["ws"])], owned),
                  BACKWARD: rt._primitive(bwd, [(_DIFF_DST, m["g"]), (_WS, m["ws"]), (_DIFF_SRC, m["dx"])], owned)}
-        return dict(calls=calls, mem=m, ws_size=int(rt.lib.dnnl_memory_desc_get_size(ws_md)), buffers=buffers,
+        # oneDNN writes its lowest value for a window of NaNs: both forwards set it back to NaN
+        nans = ("y", n * ho * wo * c, 2 if dt == dnnl._BF16 else 4)
+        return dict(calls=calls, mem=m, nans={INFER: nans, TRAIN: nans},
+                    ws_size=int(rt.lib.dnnl_memory_desc_get_size(ws_md)), buffers=buffers,
                     impl=(rt._impl(infer), rt._impl(train), rt._impl(bwd)))
 
 
@@ -126,47 +129,14 @@ def _operands(mode: int) -> dict:
     return dict(x=(A, 0), y=(R, 0), **({"ws": (R, 1)} if mode == TRAIN else {}))
 
 
-_LOWEST = {"float32": (np.uint32, 0xFF7FFFFF, 0x7FC00000), "bfloat16": (np.uint16, 0xFF80, 0x7FC0)}
-
-
-def restore_nans(address: int, count: int, dtype: str) -> None:
-    """NaN for what oneDNN wrote for windows of NaNs: float32's lowest finite value, bf16's -inf
-    (as the compiled handlers' `restore_nans`, jaxcnn/csrc/native.c)."""
-    kind, lowest, nan = _LOWEST[dtype]
-    v = np.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(np.ctypeslib.as_ctypes_type(kind))), (count,))
-    v[v == lowest] = nan
-
-
-def _run(frame, args, rets):
+def _call_of(args, rets, _) -> tuple:
     key, mode = _call_key(args, rets)
-    buffers = (args, rets)
-    _plans().run(key, mode, {name: buffers[source][index].data
-                             for name, (source, index) in _operands(mode).items()})
-    if mode != BACKWARD:
-        restore_nans(rets[0].data, int(np.prod(_y_shape(key[0], *key[2:]))), key[1])
+    return key, mode, _operands(mode)
 
 
-def _build(frame_address: int, words: list) -> None:
-    """The compiled handler's program for the same call (jaxcnn.native), as `_Plans.run`."""
-    _, args, rets = native.frame_buffers(frame_address)
-    key, mode = _call_key(args, rets)
-    program = _plans().program(words, key, mode, _operands(mode))
-    if mode != BACKWARD:
-        program.restore_nans(native.SERIAL, native.RET, 0, int(np.prod(_y_shape(key[0], *key[2:]))),
-                             2 if key[1] == "bfloat16" else 4)
-    program.publish()
-
-
-native.register("pool_forward", _build)
-native.register("pool_backward", _build)
-_FWD_HANDLER = dnnl.ffi_handler("max-pool", _run)   # kept alive: XLA holds their addresses
-_BWD_HANDLER = dnnl.ffi_handler("max-pool gradient", _run)
-
-
-@functools.lru_cache(maxsize=None)
-def _registered() -> bool:
-    return dnnl.register_targets({FWD_TARGET: ("pool_forward", _FWD_HANDLER),
-                                  BWD_TARGET: ("pool_backward", _BWD_HANDLER)})
+# The call (inference, training, backward) is the config's mode, not the target's.
+_registered = dnnl.plan_handlers(_plans, _call_of, {FWD_TARGET: ("pool_forward", "max-pool", None),
+                                                    BWD_TARGET: ("pool_backward", "max-pool gradient", None)})
 
 
 _call = dnnl.config_calls((FWD_TARGET, BWD_TARGET))

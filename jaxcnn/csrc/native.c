@@ -1,9 +1,10 @@
 /* jaxcnn's XLA FFI handlers for its oneDNN calls, compiled (the `jaxcnn._native` library).
 
-jaxcnn.dnnl, jaxcnn.bnorm and jaxcnn.pool build their oneDNN primitives in Python (ctypes) and first ran
-them from handlers written in Python too. Those took the GIL on every call (~120-170 us each,
-179 calls in a densenet_bc_100_12 training step), and ran Python inside XLA's computations: an
-interpreter torn down with a step in flight left XLA's client waiting forever (session 22).
+jaxcnn.dnnl, jaxcnn.bnorm and jaxcnn.pool build their oneDNN primitives in Python (ctypes) and
+first ran them from handlers written in Python too. Those took the GIL on every call (~120-170
+us each, 179 calls in a densenet_bc_100_12 training step), and ran Python inside XLA's
+computations: an interpreter torn down with a step in flight left XLA's client waiting forever
+(session 22).
 Here each call runs without Python: the handler computes the call's key from its buffers (what
 jaxcnn.native.program_key computes from the same frame), finds the program Python built for that
 key, points the program's oneDNN memories at XLA's buffers and executes its primitives. Only the
