@@ -82,6 +82,24 @@ def test_a_failing_build_is_reported(monkeypatch):
 
 
 @compiled
+@pytest.mark.parametrize("target", ["pool_forward", "pool_backward"])
+def test_a_failing_pool_build_names_the_call(monkeypatch, target):
+    """Every target's errors name its call (the C handlers' names, one per target id)."""
+    from jaxcnn import pool
+    if not pool.usable():
+        pytest.skip("oneDNN max-pools are off here")
+
+    def broken(frame, words):  # noqa: ARG001
+        raise RuntimeError("simulated build failure")
+    monkeypatch.setitem(native._builders, native.TARGETS.index(target), broken)
+    x = jnp.ones((3, 10, 9, 16), jnp.bfloat16)  # a shape no other test builds
+    loss = lambda x: jnp.sum(pool.max_pool(x, 2, 2, 0).astype(jnp.float32))
+    name = "max-pool gradient" if target == "pool_backward" else "max-pool"
+    with pytest.raises(Exception, match=f"jaxcnn oneDNN {name}: .*simulated build failure"):
+        jax.block_until_ready(jax.jit(jax.grad(loss))(x))
+
+
+@compiled
 @pytest.mark.parametrize("parallel", [0, 2])
 def test_a_failing_onednn_call_is_reported(monkeypatch, parallel):
     """A primitive oneDNN refuses (here none at all), in the serial part or in a chunk that may

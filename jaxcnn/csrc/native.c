@@ -368,7 +368,9 @@ static int64_t call_key(XLA_FFI_CallFrame *f, int target, int64_t *key) {
   return n;
 }
 
-static const char *NAMES[] = {"weight gradient", "batch norm", "batch norm gradient"};
+/* By target id, as jaxcnn.native.TARGETS. */
+static const char *NAMES[] = {"weight gradient", "batch norm", "batch norm gradient", "max-pool",
+                               "max-pool gradient"};
 
 static XLA_FFI_Error *handle(XLA_FFI_CallFrame *f, int target) {
   if (f->extension_start) { /* XLA asks for the handler's metadata */
