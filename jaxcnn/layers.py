@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 import flax.linen as nn
 
-from jaxcnn import onednn, ops
+from jaxcnn import onednn, ops, winograd
 
 Dtype = Any
 Act = Callable[[jnp.ndarray], jnp.ndarray]
@@ -142,20 +142,27 @@ def _folded(x, conv_mod, bn_mod, relu, residual):
     dtype = conv_mod.dtype or x.dtype
     if jnp.dtype(bn_mod.dtype or dtype) != jnp.dtype(dtype):
         return None
-    kept = conv_mod.has_variable(FOLDED, "kernel")  # by fold_batchnorm, once for many batches
+    strides, padding = tuple(conv_mod.strides), tuple(tuple(p) for p in conv_mod.padding)
+    wino = ops.WINOGRAD and winograd.applies(x.shape, cv["params"]["kernel"].shape, strides, padding, dtype)
+    name = "winograd" if wino else "kernel"  # the folded kernel, or its Winograd transform
+    kept = conv_mod.has_variable(FOLDED, name)  # by fold_batchnorm, once for many batches
     if kept:
-        kernel, shift = conv_mod.get_variable(FOLDED, "kernel"), conv_mod.get_variable(FOLDED, "bias")
+        kernel, shift = conv_mod.get_variable(FOLDED, name), conv_mod.get_variable(FOLDED, "bias")
     else:
         stats, p = bv["batch_stats"], bv["params"]
         s, shift = ops.bn_affine(stats["mean"], stats["var"], p["scale"], p["bias"], bn_mod.epsilon)
         if conv_mod.use_bias:
             shift = shift + cv["params"]["bias"].astype(jnp.float32) * s
         kernel = (cv["params"]["kernel"].astype(jnp.float32) * s).astype(dtype)
-    dn = lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
-    y = onednn.fused_conv(x.astype(dtype), kernel, shift, tuple(conv_mod.strides),
-                          tuple(tuple(p) for p in conv_mod.padding), dn, residual, relu)
+        if wino:
+            kernel = winograd.kernel(kernel)
+    if wino:
+        y = winograd.fused_conv(x.astype(dtype), kernel, shift, residual, relu)
+    else:
+        dn = lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+        y = onednn.fused_conv(x.astype(dtype), kernel, shift, strides, padding, dn, residual, relu)
     if y is not None and not kept and conv_mod.is_mutable_collection(FOLDED):
-        conv_mod.put_variable(FOLDED, "kernel", kernel)
+        conv_mod.put_variable(FOLDED, name, kernel)
         conv_mod.put_variable(FOLDED, "bias", shift)
     return y
 

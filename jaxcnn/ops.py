@@ -56,8 +56,9 @@ FOLD_BN = not _PLAIN         # inference: conv + BN (+ add) (+ ReLU) as one oneD
 DNNL_WGRAD = not _PLAIN      # convolution weight gradients by oneDNN's library (jaxcnn.dnnl; CPU only)
 DNNL_BN = not _PLAIN         # training BatchNorm (+ ReLU) by oneDNN's library (jaxcnn.bnorm; CPU only)
 DNNL_POOL = not _PLAIN       # max-pools by oneDNN's library (jaxcnn.pool; CPU only)
+WINOGRAD = not _PLAIN        # FOLD_BN's wide f32 3x3 convolutions on small images by Winograd (jaxcnn.winograd)
 _SWITCHES = ("FENCES", "DOT_1X1", "MAX_POOL_GRAD", "CUSTOM_BN", "ONEDNN", "BIAS_GRAD",
-             "DENSE_BUFFER", "FOLD_BN", "DNNL_WGRAD", "DNNL_BN", "DNNL_POOL")
+             "DENSE_BUFFER", "FOLD_BN", "DNNL_WGRAD", "DNNL_BN", "DNNL_POOL", "WINOGRAD")
 
 
 def enabled(on: bool = True):
