@@ -170,13 +170,19 @@ def _post_ops(residual: bool, relu: bool) -> tuple:
 
 def _fused_reference(x, w, bias, *residual, strides, pads, dn, relu):
     """What the fused call computes, by XLA (batching rule, gradient, probe)."""
-    y = _xla_conv(x, w, strides=strides, pads=pads, dn=dn).astype(jnp.float32)
+    y = _xla_conv(x, w, strides=strides, pads=pads, dn=dn)
+    return epilogue(y, bias, residual[0] if residual else None, relu, x.dtype, dn.out_spec[1])
+
+
+def epilogue(y, bias, residual, relu: bool, dtype, feature_dim: int = -1):
+    """`y + bias (+ residual)`, then ReLU if `relu`, in float32, rounded once to `dtype`: the
+    fused call's post-ops (also jaxcnn.winograd's)."""
     shape = [1] * y.ndim
-    shape[dn.out_spec[1]] = -1
-    y = y + bias.astype(jnp.float32).reshape(shape)
-    if residual:
-        y = y + residual[0].astype(jnp.float32)
-    return (jnp.maximum(y, 0) if relu else y).astype(x.dtype)
+    shape[feature_dim] = -1
+    y = y.astype(jnp.float32) + bias.astype(jnp.float32).reshape(shape)
+    if residual is not None:
+        y = y + residual.astype(jnp.float32)
+    return (jnp.maximum(y, 0) if relu else y).astype(dtype)
 
 
 _fused_p = _primitive("jaxcnn_onednn_fused_conv")

@@ -35,6 +35,8 @@ from __future__ import annotations
 import numpy as np
 import jax.numpy as jnp
 
+from jaxcnn import onednn
+
 M, R = 4, 3          # output tile side, kernel side
 A = M + R - 1        # input tile side (6)
 # Lavin & Gray's F(4x4, 3x3) matrices (points 0, +-1, +-2, infinity)
@@ -80,7 +82,4 @@ def fused_conv(x, u, bias, residual=None, relu: bool = False):
     products = jnp.einsum("ptc,pck->ptk", v, u)                            # [36, tiles, K]
     y = (jnp.asarray(_OUT) @ products.reshape(A * A, -1)).reshape(M, M, n, th, tw, -1)
     y = y.transpose(2, 3, 0, 4, 1, 5).reshape(n, th * M, tw * M, -1)[:, :h, :w]
-    y = y + bias.astype(jnp.float32)
-    if residual is not None:
-        y = y + residual.astype(jnp.float32)
-    return jnp.maximum(y, 0) if relu else y
+    return onednn.epilogue(y, bias, residual, relu, jnp.float32)

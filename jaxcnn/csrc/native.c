@@ -415,8 +415,15 @@ static XLA_FFI_Error *handle(XLA_FFI_CallFrame *f, int target) {
   return NULL;
 }
 
-EXPORT XLA_FFI_Error *jaxcnn_weight_grad(XLA_FFI_CallFrame *f) { return handle(f, 0); }
-EXPORT XLA_FFI_Error *jaxcnn_bn_forward(XLA_FFI_CallFrame *f) { return handle(f, 1); }
-EXPORT XLA_FFI_Error *jaxcnn_bn_backward(XLA_FFI_CallFrame *f) { return handle(f, 2); }
-EXPORT XLA_FFI_Error *jaxcnn_pool_forward(XLA_FFI_CallFrame *f) { return handle(f, 3); }
-EXPORT XLA_FFI_Error *jaxcnn_pool_backward(XLA_FFI_CallFrame *f) { return handle(f, 4); }
+/* One handler per target id; a target without its name in NAMES does not compile (a missing
+   name was read past the array's end when that target's call failed). */
+#define HANDLER(name, id)                                                                     \
+  EXPORT XLA_FFI_Error *jaxcnn_##name(XLA_FFI_CallFrame *f) {                                 \
+    _Static_assert((id) < sizeof NAMES / sizeof *NAMES, "name target " #name " in NAMES");  \
+    return handle(f, (id));                                                                   \
+  }
+HANDLER(weight_grad, 0)
+HANDLER(bn_forward, 1)
+HANDLER(bn_backward, 2)
+HANDLER(pool_forward, 3)
+HANDLER(pool_backward, 4)
