@@ -304,6 +304,49 @@ def test_flip_inside_the_warp_equals_flipping_first():
     assert np.all(same | mirrored) and 10 < same.sum() < 54
 
 
+def test_choices_from_one_draw_cover_their_ranges_independently():
+    """preprocess takes every per-example choice from one block of uniforms (one column each):
+    each crop offset and both flip outcomes occur, and the flip does not follow the offset."""
+    x, y = _batch(512)
+    x[:] = x[0]
+    out, _ = _pre(AugmentConfig(crop_padding=2, flip=True, pad_mode="constant"))(jax.random.key(9), x, y)
+    raw = np.rint(np.asarray(out) * np.array(STD) + np.array(MEAN)).astype(np.int64)
+    padded = np.pad(x[0], ((2, 2), (2, 2), (0, 0))).astype(np.int64)
+    seen = {}
+    for img in raw:
+        for flip in (False, True):
+            src = padded[:, ::-1] if flip else padded
+            hits = [(i, j) for i in range(5) for j in range(5) if np.array_equal(img, src[i:i + 32, j:j + 32])]
+            if hits:  # keyed by the row offset, which mirroring keeps
+                seen.setdefault(hits[0][0], []).append(flip)
+                break
+        else:
+            raise AssertionError("an output is no window of the padded image or its mirror")
+    assert sorted(seen) == list(range(5))  # every row offset occurs
+    for flips in seen.values():  # and each row offset comes both plain and mirrored
+        assert 0 < sum(flips) < len(flips)
+
+
+def test_colour_jitter_matches_a_numpy_reference():
+    """jitter_at against torchvision's order (brightness, contrast with the mean grey of the
+    pixels, saturation), each clamped to 0..255; jaxcnn takes the mean grey as the grey of the
+    mean colour, the same sum in another order."""
+    from jaxcnn.data.augment import jitter_at
+
+    x = _batch(8)[0].astype(np.float32)
+    u = np.random.default_rng(3).random((8, 3)).astype(np.float32)
+    b, c, s = 0.3, 0.4, 0.5
+    grey = lambda im: im[..., 0] * 0.299 + im[..., 1] * 0.587 + im[..., 2] * 0.114
+    f = lambda col, m: (1.0 + m * (2 * u[:, col] - 1))[:, None, None, None]
+    want = np.clip(x + 255 * (b * (2 * u[:, 0] - 1))[:, None, None, None], 0, 255)
+    m = grey(want).mean(axis=(1, 2))[:, None, None, None]
+    want = np.clip(m + f(1, c) * (want - m), 0, 255)
+    g = grey(want)[..., None]
+    want = np.clip(g + f(2, s) * (want - g), 0, 255)
+    got = jax.jit(lambda u, x: jitter_at(u, x, b, c, s))(u, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-3)
+
+
 # ---------------------------------------------------------------- batching
 
 

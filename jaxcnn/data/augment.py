@@ -59,12 +59,15 @@ def preprocess(rng: jax.Array, images_uint8: jax.Array, labels: jax.Array, *, nu
     y = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     aug = augment
     if aug is not None:
-        k_crop, k_flip, k_affine, k_color, k_cut, k_mix = jax.random.split(rng, 6)
+        # Every per-example choice comes from one block of uniforms, one column each. Each
+        # separate draw was a rolled threefry loop plus a dozen small thunks on XLA:CPU:
+        # ~0.8 of the 3 ms the heavy pipeline spent per batch of 128 (2-core CPU).
+        u = jax.random.uniform(rng, (x.shape[0], _DRAWS))
         warp = bool(aug.rotation or aug.shift or aug.zoom)
-        flips = jax.random.bernoulli(k_flip, 0.5, (x.shape[0],)) if aug.flip else None
+        flips = u[:, _FLIP] < 0.5 if aug.flip else None
         # Crop and flip are pure data movement: doing them on uint8 moves 4x fewer bytes.
         if aug.crop_padding > 0:
-            x = random_crop(k_crop, x, aug.crop_padding, aug.pad_mode)
+            x = crop_at(u[:, _CROP], x, aug.crop_padding, aug.pad_mode)
         if flips is not None and not warp:
             x = flip_where(flips, x)
     x = x.astype(jnp.float32)
@@ -76,23 +79,43 @@ def preprocess(rng: jax.Array, images_uint8: jax.Array, labels: jax.Array, *, nu
         # augmentations; colour ops are per pixel except contrast's mean grey, taken here over
         # the unwarped crop.
         if aug.brightness or aug.contrast or aug.saturation:
-            x = color_jitter(k_color, x, aug.brightness, aug.contrast, aug.saturation)
+            x = jitter_at(u[:, _COLOR], x, aug.brightness, aug.contrast, aug.saturation)
         if warp:
-            x = random_affine(k_affine, x, aug.rotation, aug.shift, aug.zoom, flip=flips)
+            x = affine_at(u[:, _AFFINE], x, aug.rotation, aug.shift, aug.zoom, flip=flips)
     x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
     if aug is not None:
         if aug.cutout > 0:  # after normalising, so the hole is the mean colour (DeVries & Taylor)
-            x = x * (1.0 - _box_masks(k_cut, x.shape, jnp.full(x.shape[0], aug.cutout)))[..., None]
+            sides = jnp.full(x.shape[0], aug.cutout)
+            x = x * (1.0 - _box_masks_at(u[:, _CUT], x.shape, sides))[..., None]
         if aug.mixup_alpha > 0 or aug.cutmix_alpha > 0:
-            x, y = mix(k_mix, x, y, aug.mixup_alpha, aug.cutmix_alpha)
+            x, y = mix(jax.random.fold_in(rng, 1), x, y, aug.mixup_alpha, aug.cutmix_alpha)
     return x.astype(dtype), y
+
+
+# The columns of preprocess's uniform draws, per augmentation.
+_CROP, _FLIP, _AFFINE, _COLOR, _CUT = slice(0, 2), 2, slice(3, 7), slice(7, 10), slice(10, 12)
+_DRAWS = 12
+
+
+def _uniform(key, x, n: int):
+    return jax.random.uniform(key, (x.shape[0], n))
+
+
+def _scaled_int(u, n: int):
+    """Uniform floats in [0, 1) -> uniform ints in [0, n)."""
+    return jnp.minimum(jnp.floor(u * n).astype(jnp.int32), n - 1)  # min: u * n may round to n
 
 
 def random_crop(key, x, padding: int, mode: str = "reflect"):
     """Pads by `padding` and crops back to the original size at a random offset per image."""
+    return crop_at(_uniform(key, x, 2), x, padding, mode)
+
+
+def crop_at(u, x, padding: int, mode: str = "reflect"):
+    """random_crop with its offsets from the uniforms `u` [B, 2] (rows, columns)."""
     b, h, w, c = x.shape
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), mode=mode)
-    off = jax.random.randint(key, (b, 2), 0, 2 * padding + 1)
+    off = _scaled_int(u, 2 * padding + 1)
     crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))
     return jax.vmap(crop)(xp, off)
 
@@ -115,11 +138,17 @@ def random_affine(key, x, rotation: float, shift: float, zoom: float, flip=None)
     mirrored column in the warp (exact: the border clamp is symmetric) instead of by a pass of
     its own.
     """
+    return affine_at(_uniform(key, x, 4), x, rotation, shift, zoom, flip)
+
+
+def affine_at(u, x, rotation: float, shift: float, zoom: float, flip=None):
+    """random_affine with its choices from the uniforms `u` [B, 4]: angle, row shift, column
+    shift, scale."""
     b, h, w, _ = x.shape
-    k_rot, k_shift, k_zoom = jax.random.split(key, 3)
-    theta = jnp.deg2rad(jax.random.uniform(k_rot, (b,), minval=-rotation, maxval=rotation))
-    t = jax.random.uniform(k_shift, (b, 2), minval=-shift, maxval=shift) * jnp.array([h, w])
-    s = jax.random.uniform(k_zoom, (b,), minval=1.0 - zoom, maxval=1.0 + zoom)
+    between = lambda col, lo, hi: lo + (hi - lo) * u[:, col]
+    theta = jnp.deg2rad(between(0, -rotation, rotation))
+    t = jnp.stack([between(1, -shift, shift) * h, between(2, -shift, shift) * w], axis=1)
+    s = between(3, 1.0 - zoom, 1.0 + zoom)
     # Inverse map: for each output pixel, where to sample in the input (about the image centre).
     cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
     rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) - cy,
@@ -150,33 +179,46 @@ def _bilinear(img, r, c):
     return top * (1 - wr) + bottom * wr
 
 
+_GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+
+
 def _grey(x):
-    return x @ jnp.array([0.299, 0.587, 0.114], x.dtype)
+    # Written out rather than as `x @ weights`: XLA:CPU ran that [N, 3] x [3] product as a dot of
+    # its own (0.2 ms per CIFAR batch of 128) instead of fusing it with the blend around it.
+    return x[..., 0] * _GREY[0] + x[..., 1] * _GREY[1] + x[..., 2] * _GREY[2]
 
 
 def color_jitter(key, x, brightness: float, contrast: float, saturation: float):
     """torchvision-style jitter on float 0..255 images, in a fixed order, clamped after each op."""
-    b = x.shape[0]
-    kb, kc, ks = jax.random.split(key, 3)
-    factor = lambda k, m: jax.random.uniform(k, (b, 1, 1, 1), minval=1.0 - m, maxval=1.0 + m)
+    return jitter_at(_uniform(key, x, 3), x, brightness, contrast, saturation)
+
+
+def jitter_at(u, x, brightness: float, contrast: float, saturation: float):
+    """color_jitter with its factors from the uniforms `u` [B, 3]: brightness, contrast, saturation."""
+    between = lambda col, m: (m * (2.0 * u[:, col] - 1.0))[:, None, None, None]  # U(-m, m)
     if brightness:
-        delta = jax.random.uniform(kb, (b, 1, 1, 1), minval=-brightness, maxval=brightness)
-        x = jnp.clip(x + 255.0 * delta, 0, 255)
+        x = jnp.clip(x + 255.0 * between(0, brightness), 0, 255)
     if contrast:
-        m = _grey(x).mean(axis=(1, 2))[:, None, None, None]
-        x = jnp.clip(m + factor(kc, contrast) * (x - m), 0, 255)
+        # The mean grey is the grey of the mean colour. Reducing the image to its mean colour
+        # first is the same sum in another order, and XLA:CPU's reduction of the grey image was a
+        # slow fusion that re-read the blends before it: 1.1 of the heavy pipeline's 3 ms.
+        m = _grey(x.mean(axis=(1, 2)))[:, None, None, None]
+        x = jnp.clip(m + (1.0 + between(1, contrast)) * (x - m), 0, 255)
     if saturation:
         g = _grey(x)[..., None]
-        x = jnp.clip(g + factor(ks, saturation) * (x - g), 0, 255)
+        x = jnp.clip(g + (1.0 + between(2, saturation)) * (x - g), 0, 255)
     return x
 
 
 def _box_masks(key, shape, sizes):
     """float [B, H, W]: 1 inside a square of side sizes[i] centred at a random pixel (may be clipped)."""
+    return _box_masks_at(jax.random.uniform(key, (shape[0], 2)), shape, sizes)
+
+
+def _box_masks_at(u, shape, sizes):
+    """_box_masks with its centres from the uniforms `u` [B, 2] (row, column)."""
     b, h, w = shape[0], shape[1], shape[2]
-    ky, kx = jax.random.split(key)
-    cy = jax.random.randint(ky, (b,), 0, h)
-    cx = jax.random.randint(kx, (b,), 0, w)
+    cy, cx = _scaled_int(u[:, 0], h), _scaled_int(u[:, 1], w)
     y0 = (cy - sizes // 2)[:, None, None]
     x0 = (cx - sizes // 2)[:, None, None]
     side = sizes[:, None, None]
