@@ -385,8 +385,14 @@ def _device_rows(a, common: List[str]) -> List[Dict]:
     """The devices workers, `--device-passes` passes over the device counts, one process each.
     This VM's speed drifts by 10-20% over minutes, more than the overhead measured, so each
     pass's overhead is taken against the 1-device run of the same pass, and the medians over
-    passes are reported (rate and overhead)."""
+    passes are reported (rate and overhead).
+
+    Each pass also runs one device at each count's per-device batch (128 / N): N devices run N
+    such steps side by side on the same cores, so its overhead against the batch-128 run is
+    the part of N devices' overhead that comes from the smaller per-device batch rather than
+    from the devices' collectives and waits (on the 2-core Xeon it was all of it)."""
     passes = {n: [] for n in a.devices or []}
+    alone = {n: [] for n in passes if n > 1 and 1 in passes and 128 % n == 0}
     for i in range(a.device_passes if passes else 0):
         for n in passes:
             env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
@@ -395,13 +401,23 @@ def _device_rows(a, common: List[str]) -> List[Dict]:
                             + common, env=env)
             passes[n].append(r.get("train_img_s"))
             print(f"    pass {i + 1}, {n} devices:", r, flush=True)
+        for n in alone:
+            r = _run_worker(["devices", "--num-devices", "1", "--model", a.devices_model,
+                             "--batch", str(128 // n)] + common)
+            alone[n].append(r.get("train_img_s"))
+            print(f"    pass {i + 1}, 1 device at batch {128 // n}:", r, flush=True)
     rows = []
+    medians = lambda xs: float(np.median(xs)) if xs else None
     for n, rates in passes.items():
         base = passes.get(1, [None] * len(rates))
         over = [b / v - 1 for b, v in zip(base, rates) if b and v]
-        ok = [v for v in rates if v]
-        rows.append(dict(n=n, train_img_s=float(np.median(ok)) if ok else None, rates=rates,
-                         overhead=float(np.median(over)) if over else None, overheads=over))
+        row = dict(n=n, train_img_s=medians([v for v in rates if v]), rates=rates,
+                   overhead=medians(over), overheads=over)
+        if n in alone:
+            small = [b / v - 1 for b, v in zip(base, alone[n]) if b and v]
+            row.update(alone_img_s=medians([v for v in alone[n] if v]), alone_overhead=medians(small),
+                       alone_overheads=small)
+        rows.append(row)
     return rows
 
 
@@ -884,13 +900,19 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe, min_round_s
         passes = len(dev_rows[0].get("rates", [None]))
         L += ["", "Data parallel, same global batch 128 on N simulated CPU devices (they share the same cores). "
               f"{passes} passes over the device counts, a process per run; overhead = step time / the same "
-              "pass's 1-device step time - 1; medians over passes, each pass's figure after it:",
-              "", "| devices | train img/s | overhead vs 1 | per pass |", "|---|---|---|---|"]
+              "pass's 1-device step time - 1; medians over passes, each pass's figure after it. The last "
+              "two columns: one device alone at N devices' per-device batch (128 / N), its images/s and its "
+              "overhead against the same pass's batch-128 run: the share of N devices' overhead that the "
+              "smaller per-device batch explains by itself.",
+              "", "| devices | train img/s | overhead vs 1 | per pass | 1 device at batch 128/N, img/s | "
+              "its overhead (per pass) |", "|---|---|---|---|---|---|"]
+        pct = lambda o: "—" if o is None else f"{100 * o:.0f}%"
         for d in dev_rows:
-            ov = d.get("overhead")
-            each = ", ".join(f"{100 * o:.0f}%" for o in d.get("overheads", []))
-            L.append(f"| {d['n']} | {fmt(d.get('train_img_s'), 1)} | "
-                     f"{'—' if ov is None else f'{100 * ov:.0f}%'} | {each or '—'} |")
+            each = ", ".join(pct(o) for o in d.get("overheads", []))
+            alone = ", ".join(pct(o) for o in d.get("alone_overheads", []))
+            L.append(f"| {d['n']} | {fmt(d.get('train_img_s'), 1)} | {pct(d.get('overhead'))} | {each or '—'} | "
+                     f"{fmt(d.get('alone_img_s'), 1)} | "
+                     f"{pct(d.get('alone_overhead')) + (f' ({alone})' if alone else '') if 'alone_img_s' in d else '—'} |")
     if pipe and "error" not in pipe:
         L += ["", "Input pipeline alone (images/s):", "", "| path | images/s |", "|---|---|"]
         L += [f"| {k} | {fmt(v)} |" for k, v in pipe.items()]

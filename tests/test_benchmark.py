@@ -90,25 +90,31 @@ def test_device_overhead_is_the_median_of_same_pass_ratios(monkeypatch, tmp_path
     test_train's multi-device tests)."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import throughput
-    rates = iter([100.0, 80.0, 50.0, 90.0, 60.0, 45.0, 110.0, 100.0, 100.0])  # 3 passes x (1, 2, 4)
+    # 3 passes x (1, 2, 4 devices at batch 128; then 1 device at batch 64 and at 32)
+    rates = iter([100.0, 80.0, 50.0, 70.0, 60.0, 90.0, 60.0, 45.0, 72.0, 45.0, 110.0, 100.0, 100.0, 80.0, 55.0])
     calls = []
 
     def worker(args, env=None):
-        calls.append((args[2], env["XLA_FLAGS"]))
+        calls.append((args[2], args[6], (env or {}).get("XLA_FLAGS", "")))
         return {"devices": int(args[2]), "train_img_s": next(rates)}
 
     monkeypatch.setattr(throughput, "_run_worker", worker)
     a = throughput.argparse.Namespace(devices=[1, 2, 4], device_passes=3, devices_model="simple_cnn")
     rows = throughput._device_rows(a, [])
-    assert [c[0] for c in calls] == ["1", "2", "4"] * 3  # passes alternate over the device counts
-    assert calls[2][1].endswith("--xla_force_host_platform_device_count=4")
+    # passes alternate over the device counts, then the per-device batches on one device
+    assert [c[:2] for c in calls] == [("1", "128"), ("2", "128"), ("4", "128"), ("1", "64"), ("1", "32")] * 3
+    assert calls[2][2].endswith("--xla_force_host_platform_device_count=4")
     four = rows[2]
     assert four["rates"] == [50.0, 45.0, 100.0] and four["train_img_s"] == 50.0
     # per pass: 100/50 - 1 = 100%, 90/45 - 1 = 100%, 110/100 - 1 = 10%; median 100%
     assert [round(o, 2) for o in four["overheads"]] == [1.0, 1.0, 0.1] and four["overhead"] == 1.0
+    # batch 32 alone: 100/60 - 1 = 67%, 90/45 - 1 = 100%, 110/55 - 1 = 100%; median 100%
+    assert four["alone_img_s"] == 55.0 and [round(o, 2) for o in four["alone_overheads"]] == [0.67, 1.0, 1.0]
+    assert "alone_img_s" not in rows[0]
     out = tmp_path / "r.md"
     throughput.write_report(str(out), "cmd", {"cpu": "x"}, [], [], rows, {}, 1.0)
-    assert "| 4 | 50.0 | 100% | 100%, 100%, 10% |" in out.read_text()
+    assert "| 4 | 50.0 | 100% | 100%, 100%, 10% | 55.0 | 100% (67%, 100%, 100%) |" in out.read_text()
+    assert "| 1 | 100.0 | 0% | 0%, 0%, 0% | — | — |" in out.read_text()
 
 
 def test_passes_reverse_the_order_and_take_medians_of_same_pass_ratios(monkeypatch, tmp_path):
