@@ -353,7 +353,8 @@ def worker_gemm(a) -> Dict:
     models' rates (oneDNN's best direct convolutions ran up to ~20% above it in f32 on the 2-core
     Xeon). The median of --rounds timings of a 4096 x 4096 x 4096 product on random data (zeros
     multiply faster on this CPU), f32 and bf16 operands (bf16 accumulated in f32)."""
-    n, rng = (8192 if a.gpu else 4096), np.random.default_rng(0)
+    # --quick (a smoke run): 1024, whose rate says little, in a 16th of a 4096 product's time
+    n, rng = (1024 if a.quick else 8192 if a.gpu else 4096), np.random.default_rng(0)
     a_np, b_np = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
     if a.framework == "jax":
         import jax
@@ -378,7 +379,7 @@ def worker_gemm(a) -> Dict:
         # _median_rate's "batch" is the GFLOP of one product: it returns GFLOP/s
         k = 20 if a.gpu else 2  # products per timed round: a GPU's take ~1 ms each
         out[prec] = _median_rate(run, k, 2 * n ** 3 / 1e9, a.rounds)
-    return out
+    return dict(out, n=n)
 
 
 def _device_rows(a, common: List[str]) -> List[Dict]:
@@ -633,9 +634,9 @@ def _loadavg() -> str:
         return "n/a"
 
 
-def _fresh_memory(mib: int = 256) -> str:
+def _fresh_memory(mib: int = 256, wait: float = 3.0) -> str:
     """What fresh memory costs on this machine, in ms per GiB touched: `mib` MiB allocated and
-    written just after the same amount was freed, and again after it sat free for 3 s. On a VM
+    written just after the same amount was freed, and again after it sat free for `wait` s. On a VM
     whose kernel reports free pages to its host (virtio-balloon free page reporting,
     /sys/module/page_reporting) the second is 10-20x the first (the project's EPYC VM: ~100
     against ~1,200 ms/GiB): the host took the pages back and faults them in again. Both
@@ -647,7 +648,7 @@ def _fresh_memory(mib: int = 256) -> str:
         return (time.perf_counter() - t) * 1e3 * 1024 / mib
     touch()  # first touch: pages this process never had
     hot = touch()
-    time.sleep(3.0)
+    time.sleep(wait)
     cold = touch()
     order = None
     try:
@@ -657,7 +658,7 @@ def _fresh_memory(mib: int = 256) -> str:
         pass
     where = (f"this kernel reports free pages to its host, page_reporting_order {order}" if order
              else "no free page reporting found")
-    return f"{hot:,.0f} ms/GiB just freed, {cold:,.0f} after 3 s free; {where}"
+    return f"{hot:,.0f} ms/GiB just freed, {cold:,.0f} after {wait:g} s free; {where}"
 
 
 def fmt(v, nd=0):
@@ -731,7 +732,7 @@ def main(argv=None):
         a.devices = []
     command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     load_start = _loadavg()
-    fresh_start = _fresh_memory()
+    fresh_start = _fresh_memory(wait=0.1 if a.quick else 3.0)  # --quick: a smoke run
     common = ["--rounds", str(a.rounds), "--steps", str(a.steps)]  # devices and pipeline workers
     rows, mem_rows = [], []
     env = dict(machine(), load=f"{load_start} at start", fresh=fresh_start)
@@ -790,7 +791,8 @@ def main(argv=None):
                                  kind=next(iter(mem.values())).get("kind", "")))
             print("    memory", mem, flush=True)
             report()
-    gemm = {fw: _run_worker(["gemm", "--framework", fw] + common + (["--gpu"] if gpu else []))
+    gemm = {fw: _run_worker(["gemm", "--framework", fw] + common + (["--gpu"] if gpu else [])
+                            + (["--quick"] if a.quick else []))
             for fw in (["jax"] if a.skip_torch else ["jax", "torch"])}
     report(gemm)
     dev_rows = _device_rows(a, common)
@@ -930,11 +932,12 @@ def _rate_table(rows, gemm) -> List[str]:
     names = {"jax": "XLA (jnp.dot)", "torch": "PyTorch (torch.mm)"}
     mm = "; ".join(f"{names[fw]} fp32 {fmt(g['fp32'])}, bf16 {fmt(g['bf16'])}"
                    for fw, g in gemm.items() if "error" not in g)
+    n = next((g["n"] for g in gemm.values() if "n" in g), 4096)  # the size measured (8192 on a GPU)
     L = ["", "Arithmetic rate, GFLOP/s: images/s above x the model's GFLOP per image, counted by XLA's cost "
          "analysis in the plain Flax graph (jaxcnn.ops off, no recompute; convolution taps on padding not "
          "counted; training: forward, backward and AdamW). The same count for both frameworks, so the ratios "
          "are those above; the rates say how much of the CPU's arithmetic each framework uses. "
-         + (f"Reference, a 4096^3 matrix multiply on random data in this run: {mm} GFLOP/s." if mm else ""), "",
+         + (f"Reference, a {n}^3 matrix multiply on random data in this run: {mm} GFLOP/s." if mm else ""), "",
          "| model | batch | prec. | GFLOP/img train | GFLOP/img infer | train jaxcnn | train PyTorch eager "
          "| infer jaxcnn | infer PyTorch eager |", "|---|---|---|---|---|---|---|---|---|"]
     rate = lambda v, f: fmt(v * f) if (v and f) else "—"

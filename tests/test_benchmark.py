@@ -38,7 +38,8 @@ def test_benchmark_writes_a_row_with_both_frameworks(tmp_path):
                           (rc[8], cells[12], infer_g)):
         want = float(img_s.replace(",", "")) * g  # GFLOP/img rounded to 3 decimals in the table
         assert abs(float(got.replace(",", "")) - want) <= 1 + 0.03 * want, (rc, cells)
-    assert re.search(r"XLA \(jnp.dot\) fp32 [\d,]+, bf16 [\d,]+; PyTorch \(torch.mm\) fp32 [\d,]+", text), text
+    assert re.search(r"a 1024\^3 matrix multiply on random data in this run: XLA \(jnp.dot\) fp32 [\d,]+, "
+                     r"bf16 [\d,]+; PyTorch \(torch.mm\) fp32 [\d,]+", text), text  # --quick: 1024
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     import jaxcnn
     if head.returncode == 0 and os.path.dirname(os.path.dirname(os.path.abspath(jaxcnn.__file__))) == ROOT:
@@ -135,7 +136,7 @@ def test_passes_reverse_the_order_and_take_medians_of_same_pass_ratios(monkeypat
 
     monkeypatch.setattr(throughput, "_run_sides", run_sides)
     monkeypatch.setattr(throughput, "_run_worker", lambda *args, **kw: {})
-    monkeypatch.setattr(throughput, "_fresh_memory", lambda: None)
+    monkeypatch.setattr(throughput, "_fresh_memory", lambda **kw: None)
     monkeypatch.setattr(throughput, "write_report", lambda *args, **kw: reports.append(args))
     assert throughput.main(["--models", "simple_cnn", "--batch-sizes", "8", "--precisions", "fp32",
                             "--no-torch-compile", "--no-memory", "--devices", "--passes", "3"]) == 0
