@@ -351,9 +351,9 @@ def worker_devices(a) -> Dict:
 def worker_gemm(a) -> Dict:
     """This CPU's dense matrix-multiply rate, GFLOP/s, in one framework: a reference point for the
     models' rates (oneDNN's best direct convolutions ran up to ~20% above it in f32 on the 2-core
-    Xeon). The median of --rounds timings of a 4096 x 4096 x 4096 product on random data (zeros
-    multiply faster on this CPU), f32 and bf16 operands (bf16 accumulated in f32)."""
-    # --quick (a smoke run): 1024, whose rate says little, in a 16th of a 4096 product's time
+    Xeon). The median of --rounds timings of an n x n x n product on random data (zeros
+    multiply faster on this CPU), f32 and bf16 operands (bf16 accumulated in f32); n = 4096, on a
+    GPU 8192, and 1024 for --quick (a smoke run: its rate says little). Returns the rates and n."""
     n, rng = (1024 if a.quick else 8192 if a.gpu else 4096), np.random.default_rng(0)
     a_np, b_np = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
     if a.framework == "jax":
@@ -407,17 +407,18 @@ def _device_rows(a, common: List[str]) -> List[Dict]:
                              "--batch", str(128 // n)] + common)
             alone[n].append(r.get("train_img_s"))
             print(f"    pass {i + 1}, 1 device at batch {128 // n}:", r, flush=True)
+    def summary(rates, base):  # medians of the rates and of each pass's overhead against `base`
+        over = [b / v - 1 for b, v in zip(base, rates) if b and v]
+        ok = [v for v in rates if v]
+        return (float(np.median(ok)) if ok else None), (float(np.median(over)) if over else None), over
+
     rows = []
-    medians = lambda xs: float(np.median(xs)) if xs else None
     for n, rates in passes.items():
         base = passes.get(1, [None] * len(rates))
-        over = [b / v - 1 for b, v in zip(base, rates) if b and v]
-        row = dict(n=n, train_img_s=medians([v for v in rates if v]), rates=rates,
-                   overhead=medians(over), overheads=over)
+        img_s, overhead, overheads = summary(rates, base)
+        row = dict(n=n, train_img_s=img_s, rates=rates, overhead=overhead, overheads=overheads)
         if n in alone:
-            small = [b / v - 1 for b, v in zip(base, alone[n]) if b and v]
-            row.update(alone_img_s=medians([v for v in alone[n] if v]), alone_overhead=medians(small),
-                       alone_overheads=small)
+            row["alone_img_s"], row["alone_overhead"], row["alone_overheads"] = summary(alone[n], base)
         rows.append(row)
     return rows
 
@@ -910,11 +911,11 @@ def write_report(path, command, env, rows, mem_rows, dev_rows, pipe, min_round_s
               "its overhead (per pass) |", "|---|---|---|---|---|---|"]
         pct = lambda o: "—" if o is None else f"{100 * o:.0f}%"
         for d in dev_rows:
-            each = ", ".join(pct(o) for o in d.get("overheads", []))
+            each = ", ".join(pct(o) for o in d.get("overheads", [])) or "—"
             alone = ", ".join(pct(o) for o in d.get("alone_overheads", []))
-            L.append(f"| {d['n']} | {fmt(d.get('train_img_s'), 1)} | {pct(d.get('overhead'))} | {each or '—'} | "
-                     f"{fmt(d.get('alone_img_s'), 1)} | "
-                     f"{pct(d.get('alone_overhead')) + (f' ({alone})' if alone else '') if 'alone_img_s' in d else '—'} |")
+            alone = f"{pct(d.get('alone_overhead'))} ({alone})" if alone else "—"
+            L.append(f"| {d['n']} | {fmt(d.get('train_img_s'), 1)} | {pct(d.get('overhead'))} | {each} | "
+                     f"{fmt(d.get('alone_img_s'), 1)} | {alone} |")
     if pipe and "error" not in pipe:
         L += ["", "Input pipeline alone (images/s):", "", "| path | images/s |", "|---|---|"]
         L += [f"| {k} | {fmt(v)} |" for k, v in pipe.items()]

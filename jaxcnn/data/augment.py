@@ -5,6 +5,7 @@ from typing import Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,7 @@ def preprocess(rng: jax.Array, images_uint8: jax.Array, labels: jax.Array, *, nu
         k_draw, k_mix = jax.random.split(rng) if mixes else (rng, None)  # a key is used once
         u = jax.random.uniform(k_draw, (x.shape[0], _DRAWS))
         warp = bool(aug.rotation or aug.shift or aug.zoom)
-        flips = u[:, _FLIP] < 0.5 if aug.flip else None
+        flips = u[:, _FLIP.start] < 0.5 if aug.flip else None
         # Crop and flip are pure data movement: doing them on uint8 moves 4x fewer bytes.
         if aug.crop_padding > 0:
             x = crop_at(u[:, _CROP], x, aug.crop_padding, aug.pad_mode)
@@ -88,19 +89,26 @@ def preprocess(rng: jax.Array, images_uint8: jax.Array, labels: jax.Array, *, nu
     if aug is not None:
         if aug.cutout > 0:  # after normalising, so the hole is the mean colour (DeVries & Taylor)
             sides = jnp.full(x.shape[0], aug.cutout)
-            x = x * (1.0 - _box_masks_at(u[:, _CUT], x.shape, sides))[..., None]
+            x = x * (1.0 - _box_masks(u[:, _CUT], x.shape, sides))[..., None]
         if mixes:
             x, y = mix(k_mix, x, y, aug.mixup_alpha, aug.cutmix_alpha)
     return x.astype(dtype), y
 
 
-# The columns of preprocess's uniform draws, per augmentation.
-_CROP, _FLIP, _AFFINE, _COLOR, _CUT = slice(0, 2), 2, slice(3, 7), slice(7, 10), slice(10, 12)
-_DRAWS = 12
+def _columns(*widths):
+    """Consecutive column slices of the given widths, and their total."""
+    ends = np.cumsum(widths)
+    return [slice(int(e) - n, int(e)) for n, e in zip(widths, ends)], int(ends[-1])
 
 
-def _uniform(key, x, n: int):
-    return jax.random.uniform(key, (x.shape[0], n))
+# preprocess's uniform draws: the columns read by crop_at, the flip, affine_at, jitter_at and
+# _box_masks (cutout), in that order.
+(_CROP, _FLIP, _AFFINE, _COLOR, _CUT), _DRAWS = _columns(2, 1, 4, 3, 2)
+
+
+def _between(u, lo, hi):
+    """Uniform floats in [0, 1) -> uniform floats in [lo, hi)."""
+    return lo + (hi - lo) * u
 
 
 def _scaled_int(u, n: int):
@@ -108,23 +116,14 @@ def _scaled_int(u, n: int):
     return jnp.minimum(jnp.floor(u * n).astype(jnp.int32), n - 1)  # min: u * n may round to n
 
 
-def random_crop(key, x, padding: int, mode: str = "reflect"):
-    """Pads by `padding` and crops back to the original size at a random offset per image."""
-    return crop_at(_uniform(key, x, 2), x, padding, mode)
-
-
 def crop_at(u, x, padding: int, mode: str = "reflect"):
-    """random_crop with its offsets from the uniforms `u` [B, 2] (rows, columns)."""
+    """Pads by `padding` and crops back to the original size at an offset per image, from the
+    uniforms `u` [B, 2] (rows, columns)."""
     b, h, w, c = x.shape
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), mode=mode)
     off = _scaled_int(u, 2 * padding + 1)
     crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))
     return jax.vmap(crop)(xp, off)
-
-
-def random_flip(key, x):
-    """Mirrors each image left-right with probability 0.5."""
-    return flip_where(jax.random.bernoulli(key, 0.5, (x.shape[0],)), x)
 
 
 def flip_where(flips, x):
@@ -140,17 +139,16 @@ def random_affine(key, x, rotation: float, shift: float, zoom: float, flip=None)
     mirrored column in the warp (exact: the border clamp is symmetric) instead of by a pass of
     its own.
     """
-    return affine_at(_uniform(key, x, 4), x, rotation, shift, zoom, flip)
+    return affine_at(jax.random.uniform(key, (x.shape[0], 4)), x, rotation, shift, zoom, flip)
 
 
 def affine_at(u, x, rotation: float, shift: float, zoom: float, flip=None):
     """random_affine with its choices from the uniforms `u` [B, 4]: angle, row shift, column
     shift, scale."""
     b, h, w, _ = x.shape
-    between = lambda col, lo, hi: lo + (hi - lo) * u[:, col]
-    theta = jnp.deg2rad(between(0, -rotation, rotation))
-    t = jnp.stack([between(1, -shift, shift) * h, between(2, -shift, shift) * w], axis=1)
-    s = between(3, 1.0 - zoom, 1.0 + zoom)
+    theta = jnp.deg2rad(_between(u[:, 0], -rotation, rotation))
+    t = jnp.stack([_between(u[:, 1], -shift, shift) * h, _between(u[:, 2], -shift, shift) * w], axis=1)
+    s = _between(u[:, 3], 1.0 - zoom, 1.0 + zoom)
     # Inverse map: for each output pixel, where to sample in the input (about the image centre).
     cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
     rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) - cy,
@@ -190,35 +188,27 @@ def _grey(x):
     return x[..., 0] * _GREY[0] + x[..., 1] * _GREY[1] + x[..., 2] * _GREY[2]
 
 
-def color_jitter(key, x, brightness: float, contrast: float, saturation: float):
-    """torchvision-style jitter on float 0..255 images, in a fixed order, clamped after each op."""
-    return jitter_at(_uniform(key, x, 3), x, brightness, contrast, saturation)
-
-
 def jitter_at(u, x, brightness: float, contrast: float, saturation: float):
-    """color_jitter with its factors from the uniforms `u` [B, 3]: brightness, contrast, saturation."""
-    between = lambda col, m: (m * (2.0 * u[:, col] - 1.0))[:, None, None, None]  # U(-m, m)
+    """torchvision-style jitter on float 0..255 images, in a fixed order, clamped after each op;
+    its factors from the uniforms `u` [B, 3] (brightness, contrast, saturation)."""
+    factor = lambda col, m: _between(u[:, col], 1.0 - m, 1.0 + m)[:, None, None, None]
     if brightness:
-        x = jnp.clip(x + 255.0 * between(0, brightness), 0, 255)
+        x = jnp.clip(x + 255.0 * _between(u[:, 0], -brightness, brightness)[:, None, None, None], 0, 255)
     if contrast:
         # The mean grey is the grey of the mean colour. Reducing the image to its mean colour
         # first is the same sum in another order, and XLA:CPU's reduction of the grey image was a
         # slow fusion that re-read the blends before it: 1.1 of the heavy pipeline's 3 ms.
         m = _grey(x.mean(axis=(1, 2)))[:, None, None, None]
-        x = jnp.clip(m + (1.0 + between(1, contrast)) * (x - m), 0, 255)
+        x = jnp.clip(m + factor(1, contrast) * (x - m), 0, 255)
     if saturation:
         g = _grey(x)[..., None]
-        x = jnp.clip(g + (1.0 + between(2, saturation)) * (x - g), 0, 255)
+        x = jnp.clip(g + factor(2, saturation) * (x - g), 0, 255)
     return x
 
 
-def _box_masks(key, shape, sizes):
-    """float [B, H, W]: 1 inside a square of side sizes[i] centred at a random pixel (may be clipped)."""
-    return _box_masks_at(jax.random.uniform(key, (shape[0], 2)), shape, sizes)
-
-
-def _box_masks_at(u, shape, sizes):
-    """_box_masks with its centres from the uniforms `u` [B, 2] (row, column)."""
+def _box_masks(u, shape, sizes):
+    """float [B, H, W]: 1 inside a square of side sizes[i] centred at the pixel the uniforms
+    `u` [B, 2] pick (row, column); the square may be clipped at the border."""
     b, h, w = shape[0], shape[1], shape[2]
     cy, cx = _scaled_int(u[:, 0], h), _scaled_int(u[:, 1], w)
     y0 = (cy - sizes // 2)[:, None, None]
@@ -244,7 +234,7 @@ def mix(key, x, y, mixup_alpha: float, cutmix_alpha: float):
     if cutmix_alpha > 0:
         lam = jax.random.beta(jax.random.fold_in(k_lam, 1), cutmix_alpha, cutmix_alpha, (b,))
         side = jnp.round(math.sqrt(h * w) * jnp.sqrt(1.0 - lam)).astype(jnp.int32)
-        box = _box_masks(k_box, x.shape, side)
+        box = _box_masks(jax.random.uniform(k_box, (b, 2)), x.shape, side)
         kept = 1.0 - box.mean(axis=(1, 2))  # the true share after clipping at the border
         out_x.append(jnp.where(box[..., None] > 0, x2, x))
         out_y.append(kept[:, None] * y + (1 - kept[:, None]) * y2)
