@@ -352,6 +352,11 @@ def test_train_step_compiles_with_the_memory_optimized_scheduler_on_the_cpu(monk
         assert _xla.train_compiler_options() == {}
         m.delenv("XLA_FLAGS"); m.setenv("JAXCNN_KEEP_XLA_FLAGS", "1")
         assert _xla.train_compiler_options() == {}
+    # The tiny model's optimizer through optax: with jaxcnn.train.fused's one-pass AdamW every
+    # update waits for the whole gradient, which leaves this model's two schedules 3% apart
+    # (1,156,800 / 1,191,744 bytes); resnet18_cifar's stay 656 / 792 MB (session 33).
+    from jaxcnn.train import fused
+    monkeypatch.setattr(fused, "available", lambda: False)
     temp = {}
     for r in (False, True):
         state, step, batch, _ = _step_setup(recomputes=r)

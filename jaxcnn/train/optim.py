@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxcnn.train import fused
 from jaxcnn.train.config import TrainConfig
 from jaxcnn.train.whiten import is_stem_kernel, stem_kernel_path
 
@@ -75,10 +76,13 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int
     same, so a run may resume with a different clip_norm. Then `grad_multipliers` scales each
     parameter's gradient (airbench's `bias_scaler`, frozen parameters; Adam, invariant to a
     per-parameter scale, ignores all but the zeros); frozen kernels are not decayed either.
+    The adamw chain comes as a `jaxcnn.train.fused.FusableTransformation`: the same optax chain,
+    which the train step runs as one compiled pass on the CPU (optax's own arithmetic).
     """
     schedule = make_schedule(config, steps_per_epoch)
     clip = optax.clip_by_global_norm(config.clip_norm) if config.clip_norm else optax.identity()
-    if config.bias_lr_scale != 1.0 or config.whiten_stem == "frozen" or config.freeze_norm_scales:
+    adjusts = config.bias_lr_scale != 1.0 or config.whiten_stem == "frozen" or config.freeze_norm_scales
+    if adjusts:
         # One stateless step (either clip keeps no state), not a chain: the optimizer state, and
         # so the checkpoints, keep one structure whatever the settings.
         def adjust(g, p, c=clip):
@@ -88,7 +92,14 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int
     mask = functools.partial(decay_mask, config=config)
     wd = config.weight_decay
     if config.optimizer == "adamw":
-        opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=wd, mask=mask)
+        eps, eps_root = 1e-8, 0.0  # optax's defaults, named so that the fused update uses the same
+        opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=eps, eps_root=eps_root,
+                          weight_decay=wd, mask=mask)
+        multipliers = functools.partial(grad_multipliers, config=config) if adjusts else None
+        spec = fused.AdamWSpec(b1=config.b1, b2=config.b2, eps=eps, eps_root=eps_root, weight_decay=wd,
+                               schedule=schedule, clip_norm=config.clip_norm or 0.0,
+                               decay_mask=mask, multipliers=multipliers)
+        return fused.FusableTransformation(optax.chain(clip, opt), spec), schedule
     elif config.optimizer == "adam":
         opt = optax.chain(optax.add_decayed_weights(wd, mask=mask),
                           optax.adam(schedule, b1=config.b1, b2=config.b2))

@@ -14,6 +14,7 @@ import optax
 
 from jaxcnn._xla import eval_compiler_options, train_compiler_options
 from jaxcnn.layers import FOLDED, fold_batchnorm
+from jaxcnn.train import fused
 from jaxcnn.train.optim import cross_entropy, smooth_labels
 from jaxcnn.train.precision import all_finite
 from jaxcnn.train.state import TrainState, data_sharded, replicated
@@ -49,6 +50,10 @@ def lookahead_update(fast, slow, t, every: int, total: int):
     sync = last | (t % every == 0)
     slow = jax.tree.map(lambda s, f: jnp.where(sync, d * s + (1.0 - d) * f, s), slow, fast)
     return jax.tree.map(lambda s, f: jnp.where(sync, s, f), slow, fast), slow
+
+
+def _sum_sq(tree) -> jax.Array:
+    return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
 
 def make_train_step(*, num_classes: int, mean: Sequence[float], std: Sequence[float], augment,
@@ -123,9 +128,15 @@ def make_train_step(*, num_classes: int, mean: Sequence[float], std: Sequence[fl
         grads = state.loss_scale.unscale(grads)
         finite = all_finite(grads) if state.loss_scale.enabled else jnp.isfinite(loss)
 
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
-        params = optax.apply_updates(state.params, updates)
+        one_pass = None if state.loss_scale.enabled else fused.update(
+            state.tx, grads, state.opt_state, state.params, state.lr_scale)
+        if one_pass is not None:  # AdamW on the CPU: update and norms in one pass (jaxcnn.train.fused)
+            params, opt_state, (grad_sq, param_sq, update_sq) = one_pass
+        else:
+            updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+            updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
+            params = optax.apply_updates(state.params, updates)
+            grad_sq, param_sq, update_sq = (_sum_sq(t) for t in (grads, params, updates))
         ema = state.ema_params
         if ema_decay:
             # Warm-up (as tf.train.ExponentialMovingAverage's num_updates): with a fixed decay the
@@ -145,8 +156,8 @@ def make_train_step(*, num_classes: int, mean: Sequence[float], std: Sequence[fl
                               batch_stats=keep(new.batch_stats, state.batch_stats),
                               ema_params=keep(new.ema_params, state.ema_params))
         metrics = dict(loss=loss, correct=correct, count=jnp.sum(mask),
-                       grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
-                       update_norm=optax.tree.norm(updates), finite=finite,
+                       grad_norm=jnp.sqrt(grad_sq), param_norm=jnp.sqrt(param_sq),
+                       update_norm=jnp.sqrt(update_sq), finite=finite,
                        loss_scale=state.loss_scale.scale)
         return new, metrics
 
