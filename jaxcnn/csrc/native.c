@@ -373,17 +373,23 @@ static int64_t call_key(XLA_FFI_CallFrame *f, int target, int64_t *key) {
 static const char *NAMES[] = {"weight gradient", "batch norm", "batch norm gradient", "max-pool",
                                "max-pool gradient"};
 
-static XLA_FFI_Error *handle(XLA_FFI_CallFrame *f, int target) {
-  if (f->extension_start) { /* XLA asks for the handler's metadata */
+/* 1 where this call is not one to execute: XLA asking for the handler's metadata (answered here)
+   or a stage before execution. */
+static int not_executing(XLA_FFI_CallFrame *f) {
+  if (f->extension_start) {
     if (f->extension_start->type == XLA_FFI_Extension_Metadata) {
       XLA_FFI_Metadata *meta = ((XLA_FFI_Metadata_Extension *)f->extension_start)->metadata;
       meta->api_version.major_version = 0; /* the oldest FFI API with everything used here */
       meta->api_version.minor_version = 1;
       meta->traits = 0;
     }
-    return NULL;
+    return 1;
   }
-  if (f->stage != XLA_FFI_ExecutionStage_EXECUTE) return NULL;
+  return f->stage != XLA_FFI_ExecutionStage_EXECUTE;
+}
+
+static XLA_FFI_Error *handle(XLA_FFI_CallFrame *f, int target) {
+  if (not_executing(f)) return NULL;
   char message[2048];
   int64_t key[MAX_KEY];
   int64_t n = f->args.size > 0 ? call_key(f, target, key) : -1;
@@ -565,16 +571,7 @@ static int64_t elements(const XLA_FFI_Buffer *b) {
 }
 
 EXPORT XLA_FFI_Error *jaxcnn_adamw(XLA_FFI_CallFrame *f) {
-  if (f->extension_start) {
-    if (f->extension_start->type == XLA_FFI_Extension_Metadata) {
-      XLA_FFI_Metadata *meta = ((XLA_FFI_Metadata_Extension *)f->extension_start)->metadata;
-      meta->api_version.major_version = 0;
-      meta->api_version.minor_version = 1;
-      meta->traits = 0;
-    }
-    return NULL;
-  }
-  if (f->stage != XLA_FFI_ExecutionStage_EXECUTE) return NULL;
+  if (not_executing(f)) return NULL;
   if (f->args.size != 5 || f->rets.size != 4) return error(f->api, "jaxcnn AdamW: a call jaxcnn does not make");
   XLA_FFI_Buffer **in = (XLA_FFI_Buffer **)f->args.args, **out = (XLA_FFI_Buffer **)f->rets.rets;
   int64_t n = elements(in[0]);
