@@ -43,7 +43,8 @@ def reference(name, num_classes, size, seed=0):
     measured ones. Measured statistics keep activations O(1) through 50 layers; purely random
     ones blow up the residual stream until float32 rounding alone exceeds the tolerance."""
     g = torch.Generator().manual_seed(seed)
-    model = torch_model(name, num_classes)
+    torch.manual_seed(seed)  # the convolutions' default init draws from the global generator,
+    model = torch_model(name, num_classes)  # whose state would otherwise depend on the test order
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     with torch.no_grad():
         for bn in bns:
