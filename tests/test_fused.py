@@ -1,8 +1,4 @@
 """jaxcnn.train.fused: AdamW and the step's norms in one compiled pass, against optax."""
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,9 +107,7 @@ print("ok", float(m["update_norm"]), float(ref_m["update_norm"]))
 
 def test_fused_update_on_four_simulated_devices():
     # The state is replicated: each device runs the call on its own copy and gets the same result.
-    from test_train import _env
-    env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    r = subprocess.run([sys.executable, "-c", FOUR_DEVICES, str(Path(__file__).parent)], env=env,
-                       capture_output=True, text=True, timeout=300)
+    from test_train import on_four_devices
+    r = on_four_devices(FOUR_DEVICES)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ok" in r.stdout

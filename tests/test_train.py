@@ -474,10 +474,16 @@ print("losses", out[1][0], out[4][0])
 """
 
 
-def test_four_simulated_devices_match_one():
+def on_four_devices(script: str) -> subprocess.CompletedProcess:
+    """`script` run by a fresh Python on 4 simulated CPU devices (the device count is fixed when
+    jax starts), with this tests folder as its argv[1]."""
     env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    r = subprocess.run([sys.executable, "-c", FOUR_DEVICES, str(Path(__file__).parent)], env=env,
-                       capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_four_simulated_devices_match_one():
+    r = on_four_devices(FOUR_DEVICES)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "losses" in r.stdout
 

@@ -243,88 +243,96 @@ static int run_seq(XLA_FFI_CallFrame *f, const Seq *s, int single_thread) {
   return status;
 }
 
-/* The chunks of one split call. Heap-allocated and counted: a chunk offered to XLA's pool may be
-   picked up after the call has run it itself and returned. */
+/* `n` tasks, run(ctx, i) for i in [0, n), claimed through a counter by the calling thread and
+   by up to `helpers` tasks offered to XLA's thread pool; returns once all n have run, -2 if out of
+   memory (then none ran). Heap-allocated and counted: a pool task may start after the call has
+   returned; it then finds nothing left to claim and touches neither `ctx` nor the call's buffers.
+   Used by the split oneDNN calls (run_parallel) and by AdamW (jaxcnn_adamw). */
+typedef void (*task_fn)(void *ctx, int i);
+
 typedef struct {
-  atomic_int refs, left, status;
-  atomic_char *claimed;
-  Program *p;
-  XLA_FFI_CallFrame *frame;
+  atomic_int refs, next, left;
+  int n;
+  task_fn run;
+  void *ctx;
   pthread_mutex_t lock;
   pthread_cond_t done;
-} Job;
+} Fanout;
 
-typedef struct {
-  Job *job;
-  int index;
-} Task;
-
-static void release(Job *job) {
+static void fanout_release(Fanout *job) {
   if (atomic_fetch_sub(&job->refs, 1) == 1) {
     pthread_mutex_destroy(&job->lock);
     pthread_cond_destroy(&job->done);
-    free(job->claimed);
     free(job);
   }
 }
 
-static void claim_and_run(Job *job, int i) {
-  if (atomic_exchange(&job->claimed[i], 1)) return;
-  int status = run_seq(job->frame, &job->p->par[i], job->p->single_thread);
-  if (status) atomic_store(&job->status, status);
-  if (atomic_fetch_sub(&job->left, 1) == 1) {
-    pthread_mutex_lock(&job->lock);
-    pthread_cond_broadcast(&job->done);
-    pthread_mutex_unlock(&job->lock);
+static void fanout_work(Fanout *job) {
+  for (int i; (i = atomic_fetch_add(&job->next, 1)) < job->n;) {
+    job->run(job->ctx, i);
+    if (atomic_fetch_sub(&job->left, 1) == 1) {
+      pthread_mutex_lock(&job->lock);
+      pthread_cond_broadcast(&job->done);
+      pthread_mutex_unlock(&job->lock);
+    }
   }
 }
 
-static void pool_task(void *data) {
-  Task *t = data;
-  claim_and_run(t->job, t->index);
-  release(t->job);
-  free(t);
+static void fanout_task(void *data) {
+  fanout_work(data);
+  fanout_release(data);
 }
 
-static int run_parallel(XLA_FFI_CallFrame *f, Program *p) {
-  Job *job = calloc(1, sizeof *job);
-  atomic_char *claimed = calloc(p->npar, sizeof *claimed);
-  if (!job || !claimed) {
-    free(job);
-    free(claimed);
-    return -2;
-  }
-  job->claimed = claimed;
-  job->p = p;
-  job->frame = f;
+static int parallel_for(XLA_FFI_CallFrame *f, int n, int64_t helpers, task_fn run, void *ctx) {
+  Fanout *job = calloc(1, sizeof *job);
+  if (!job) return -2;
+  job->n = n;
+  job->run = run;
+  job->ctx = ctx;
   atomic_init(&job->refs, 1);
-  atomic_init(&job->left, p->npar);
-  atomic_init(&job->status, 0);
+  atomic_init(&job->next, 0);
+  atomic_init(&job->left, n);
   pthread_mutex_init(&job->lock, NULL);
   pthread_cond_init(&job->done, NULL);
-  for (int i = 1; i < p->npar; i++) { /* if XLA refuses a task, this thread runs that chunk */
-    Task *t = malloc(sizeof *t);
-    if (!t) break;
-    t->job = job;
-    t->index = i;
+  if (helpers > n - 1) helpers = n - 1;
+  for (int64_t i = 0; i < helpers; i++) { /* if XLA refuses a task, this thread does its share */
     atomic_fetch_add(&job->refs, 1);
     XLA_FFI_ThreadPool_Schedule_Args args = {XLA_FFI_ThreadPool_Schedule_Args_STRUCT_SIZE, NULL, f->ctx,
-                                             pool_task, t};
+                                             fanout_task, job};
     XLA_FFI_Error *err = f->api->XLA_FFI_ThreadPool_Schedule(&args);
     if (err) {
       XLA_FFI_Error_Destroy_Args d = {XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, NULL, err};
       f->api->XLA_FFI_Error_Destroy(&d);
       atomic_fetch_sub(&job->refs, 1);
-      free(t);
+      break;
     }
   }
-  for (int i = 0; i < p->npar; i++) claim_and_run(job, i);
+  fanout_work(job);
   pthread_mutex_lock(&job->lock);
   while (atomic_load(&job->left) > 0) pthread_cond_wait(&job->done, &job->lock);
   pthread_mutex_unlock(&job->lock);
-  int status = atomic_load(&job->status);
-  release(job);
-  return status;
+  fanout_release(job);
+  return 0;
+}
+
+/* The sequences of one split call, side by side (each on one OpenMP thread if single_thread). */
+typedef struct {
+  XLA_FFI_CallFrame *frame;
+  Program *p;
+  atomic_int status;
+} Split;
+
+static void run_split(void *ctx, int i) {
+  Split *s = ctx;
+  int status = run_seq(s->frame, &s->p->par[i], s->p->single_thread);
+  if (status) atomic_store(&s->status, status);
+}
+
+static int run_parallel(XLA_FFI_CallFrame *f, Program *p) {
+  Split s = {f, p};
+  atomic_init(&s.status, 0);
+  int status = parallel_for(f, p->npar, p->npar - 1, run_split, &s);
+  return status ? status : atomic_load(&s.status);
 }
 
 /* XLA's thread pool size for this call (0: none). */
@@ -525,43 +533,17 @@ static void adam_range(const Adam *a, int64_t lo, int64_t hi, double *sums) {
   sums[2] = tu;
 }
 
-/* The chunks of one call, claimed in any order by the calling thread and XLA's pool threads;
-   each writes its own sums, added in chunk order at the end (the result does not depend on
-   which thread ran what). Counted: a pool task may start after the call has returned. */
+/* One call's chunks (ADAM_CHUNK elements each): each writes its own sums, added in chunk order
+   at the end, so the result does not depend on which thread ran what. */
 typedef struct {
-  atomic_int refs, next, left;
-  int chunks;
   Adam a;
   double *sums;
-  pthread_mutex_t lock;
-  pthread_cond_t done;
-} AdamJob;
+} AdamCall;
 
-static void adam_release(AdamJob *job) {
-  if (atomic_fetch_sub(&job->refs, 1) == 1) {
-    pthread_mutex_destroy(&job->lock);
-    pthread_cond_destroy(&job->done);
-    free(job->sums);
-    free(job);
-  }
-}
-
-static void adam_work(AdamJob *job) {
-  for (int i; (i = atomic_fetch_add(&job->next, 1)) < job->chunks;) {
-    int64_t lo = (int64_t)i * ADAM_CHUNK, hi = lo + ADAM_CHUNK < job->a.n ? lo + ADAM_CHUNK : job->a.n;
-    adam_range(&job->a, lo, hi, &job->sums[3 * i]);
-    if (atomic_fetch_sub(&job->left, 1) == 1) {
-      pthread_mutex_lock(&job->lock);
-      pthread_cond_broadcast(&job->done);
-      pthread_mutex_unlock(&job->lock);
-    }
-  }
-}
-
-static void adam_task(void *data) {
-  AdamJob *job = data;
-  adam_work(job);
-  adam_release(job);
+static void adam_chunk(void *ctx, int i) {
+  AdamCall *c = ctx;
+  int64_t lo = (int64_t)i * ADAM_CHUNK, hi = lo + ADAM_CHUNK < c->a.n ? lo + ADAM_CHUNK : c->a.n;
+  adam_range(&c->a, lo, hi, &c->sums[3 * i]);
 }
 
 static int64_t elements(const XLA_FFI_Buffer *b) {
@@ -581,44 +563,19 @@ EXPORT XLA_FFI_Error *jaxcnn_adamw(XLA_FFI_CallFrame *f) {
   for (int i = 0; i < 4; i++)
     if (out[i]->dtype != XLA_FFI_DataType_F32 || elements(out[i]) != (i < 3 ? n : 3))
       return error(f->api, "jaxcnn AdamW: results must be float32 p, m, v and 3 sums");
-  AdamJob *job = calloc(1, sizeof *job);
   int chunks = (int)((n + ADAM_CHUNK - 1) / ADAM_CHUNK);
-  if (job) job->sums = calloc(chunks > 0 ? 3 * chunks : 3, sizeof(double));
-  if (!job || !job->sums) {
-    free(job);
+  AdamCall call = {{in[0]->data, in[1]->data, in[2]->data, in[3]->data, out[0]->data, out[1]->data, out[2]->data, {0}, n},
+                   calloc(chunks > 0 ? 3 * chunks : 3, sizeof(double))};
+  memcpy(call.a.h, in[4]->data, sizeof call.a.h);
+  if (!call.sums || parallel_for(f, chunks, pool_threads(f), adam_chunk, &call)) {
+    free(call.sums);
     return error(f->api, "jaxcnn AdamW: out of memory");
   }
-  job->a = (Adam){in[0]->data, in[1]->data, in[2]->data, in[3]->data, out[0]->data, out[1]->data, out[2]->data, {0}, n};
-  memcpy(job->a.h, in[4]->data, sizeof job->a.h);
-  job->chunks = chunks;
-  atomic_init(&job->refs, 1);
-  atomic_init(&job->next, 0);
-  atomic_init(&job->left, chunks);
-  pthread_mutex_init(&job->lock, NULL);
-  pthread_cond_init(&job->done, NULL);
-  int64_t helpers = pool_threads(f);
-  if (helpers > chunks - 1) helpers = chunks - 1;
-  for (int64_t i = 0; i < helpers; i++) { /* if XLA refuses a task, this thread does its share */
-    atomic_fetch_add(&job->refs, 1);
-    XLA_FFI_ThreadPool_Schedule_Args args = {XLA_FFI_ThreadPool_Schedule_Args_STRUCT_SIZE, NULL, f->ctx,
-                                             adam_task, job};
-    XLA_FFI_Error *err = f->api->XLA_FFI_ThreadPool_Schedule(&args);
-    if (err) {
-      XLA_FFI_Error_Destroy_Args d = {XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, NULL, err};
-      f->api->XLA_FFI_Error_Destroy(&d);
-      atomic_fetch_sub(&job->refs, 1);
-      break;
-    }
-  }
-  adam_work(job);
-  pthread_mutex_lock(&job->lock);
-  while (atomic_load(&job->left) > 0) pthread_cond_wait(&job->done, &job->lock);
-  pthread_mutex_unlock(&job->lock);
   double t[3] = {0, 0, 0};
   for (int i = 0; i < chunks; i++)
-    for (int k = 0; k < 3; k++) t[k] += job->sums[3 * i + k];
+    for (int k = 0; k < 3; k++) t[k] += call.sums[3 * i + k];
   float *sums = out[3]->data;
   for (int k = 0; k < 3; k++) sums[k] = (float)t[k];
-  adam_release(job);
+  free(call.sums);
   return NULL;
 }

@@ -73,6 +73,11 @@ def available() -> bool:
     return True
 
 
+def sum_sq(tree) -> jax.Array:
+    """The sum of squares of every element of `tree`, in float32 (a norm's square)."""
+    return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+
+
 def adamw_leaf(p, g, m, v, h):
     """One parameter's (p, m, v) after the update and its float32[3] sums (g^2, p^2, u^2); `h`
     float32[12] as native.c's AdamW section lists. The results reuse p's, m's and v's buffers."""
@@ -106,7 +111,7 @@ def update(tx, grads, opt_state, params, lr_scale):
     gscale = jnp.ones((), jnp.float32)
     grad_sq = None
     if spec.clip_norm:  # optax.clip_by_global_norm, before the multipliers
-        grad_sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
+        grad_sq = sum_sq(grads)
         norm = jnp.sqrt(grad_sq)
         gscale = jnp.where(norm < spec.clip_norm, 1.0, spec.clip_norm / norm)
     mults = spec.multipliers(params) if spec.multipliers else jax.tree.map(lambda _: 1.0, params)

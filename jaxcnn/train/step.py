@@ -52,10 +52,6 @@ def lookahead_update(fast, slow, t, every: int, total: int):
     return jax.tree.map(lambda s, f: jnp.where(sync, s, f), slow, fast), slow
 
 
-def _sum_sq(tree) -> jax.Array:
-    return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
-
-
 def make_train_step(*, num_classes: int, mean: Sequence[float], std: Sequence[float], augment,
                     label_smoothing: float = 0.0, grad_accum_steps: int = 1, ema_decay: float = 0.0,
                     lookahead: int = 0, total_steps: int = 0, compute_dtype=jnp.float32, mesh=None,
@@ -136,7 +132,7 @@ def make_train_step(*, num_classes: int, mean: Sequence[float], std: Sequence[fl
             updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
             updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
             params = optax.apply_updates(state.params, updates)
-            grad_sq, param_sq, update_sq = (_sum_sq(t) for t in (grads, params, updates))
+            grad_sq, param_sq, update_sq = (fused.sum_sq(t) for t in (grads, params, updates))
         ema = state.ema_params
         if ema_decay:
             # Warm-up (as tf.train.ExponentialMovingAverage's num_updates): with a fixed decay the
